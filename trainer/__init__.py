@@ -1,0 +1,1 @@
+"""Training infrastructure used by `train.py`: typed run config, checkpoints, logging, schedules."""

@@ -1,0 +1,122 @@
+"""Typed schemas for the top-level run config.
+
+Each package registers the schemas of its own Hydra group (`models`, `data`, `quant`,
+`stablespam`); this module owns the trainer, checkpoint and logging sections and the root node, so a
+misspelled key or a wrong type anywhere fails at composition time with Hydra's message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 20000
+    warmup_steps: int = 2000
+    global_batch_size: int = 512
+    """Sequences per optimizer step, across all ranks and accumulation micro-steps."""
+    micro_batch_size: int = 32
+    """Sequences per forward pass on one rank."""
+    precision: str = "bf16_mixed"
+    """fp32 | bf16_mixed (fp32 master weights, bf16 autocast) | pure_bf16 (the papers' setting)."""
+    lr_schedule: str = "cosine"
+    """cosine (linear warmup, cosine down to min_lr_ratio; the papers') | linear | constant."""
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.0
+    """Global-norm clipping threshold; 0 disables it ("Adam+GradClip" uses 1.0)."""
+    compile: bool = False
+    eval_every: int = 1000
+    eval_at_start: bool = False
+    log_every: int = 1
+    seed: int = 42
+    nonfinite_policy: str = "stop"
+    """stop: end the run with a message (the last checkpoint stays) | skip: drop the step."""
+    max_consecutive_skips: int = 5
+    cpu: bool = False
+    """Force CPU even when a GPU is visible."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save every N optimizer steps (0: only at the end and on preemption signals)."""
+    keep_last: int = 2
+    resume: bool = True
+    """Resume automatically from the newest complete checkpoint in the run directory."""
+    export_hf: bool = True
+    """Write a `save_pretrained` export of the final model to <run_dir>/hf."""
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "stablespam"
+    run_name: Optional[str] = None
+    wandb_mode: Optional[str] = None
+    """online | offline | disabled; None: $WANDB_MODE, else offline (works without an API key)."""
+    progress: str = "auto"
+    """auto (bar on a terminal, plain lines otherwise) | bar | lines."""
+
+
+@dataclass
+class RunConfig:
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    quant: Any = MISSING
+    data: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_root: str = "outputs"
+    run_dir: Optional[str] = None
+    """Explicit run directory; default <output_root>/<SLURM job id or timestamp>."""
+
+
+PRECISIONS = ("fp32", "bf16_mixed", "pure_bf16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot be run (inconsistent batch sizes, unknown mode)."""
+
+
+def register_configs() -> None:
+    import data
+    import models
+    import quant
+    import stablespam
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=models.ModelConfig)
+    data.register_configs(cs)
+    quant.register_configs(cs)
+    stablespam.register_configs(cs)
+
+
+def check_run_config(cfg: Any, world_size: int) -> int:
+    """Validate cross-field constraints; returns the gradient accumulation steps."""
+    t = cfg.trainer
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"trainer.lr_schedule={t.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if t.nonfinite_policy not in NONFINITE_POLICIES:
+        raise ConfigError(
+            f"trainer.nonfinite_policy={t.nonfinite_policy!r}: choose one of {', '.join(NONFINITE_POLICIES)}"
+        )
+    if t.max_steps <= 0 or t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
+        raise ConfigError(
+            f"need 0 <= trainer.warmup_steps ({t.warmup_steps}) <= trainer.max_steps ({t.max_steps}) and max_steps > 0"
+        )
+    per_step = t.micro_batch_size * world_size
+    if t.micro_batch_size <= 0 or t.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"trainer.micro_batch_size={t.micro_batch_size} x {world_size} process(es) = {per_step}"
+        )
+    return t.global_batch_size // per_step

@@ -1,0 +1,59 @@
+"""Process-level plumbing: the run directory all ranks agree on, and preemption signals."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+PREEMPTED_EXIT_CODE = 75
+"""EX_TEMPFAIL: the run saved a checkpoint on SIGTERM/SIGUSR1 and wants to be started again."""
+PREEMPTED_MARKER = "PREEMPTED"
+"""Written into the run directory on pre-emption (launchers hide exit codes); removed on resume."""
+
+
+def default_run_id() -> str | None:
+    """The SLURM job id (array jobs: <array job>_<task>), shared by every rank and kept on requeue."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job:
+        return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def resolve_run_dir(accelerator: Accelerator, run_dir: str | None, output_root: str) -> Path:
+    """An explicit `run_dir`, else <output_root>/<SLURM job id>, else a timestamp chosen on rank 0."""
+    if run_dir is None:
+        run_id = default_run_id() or time.strftime("%Y%m%d-%H%M%S")
+        chosen = [str(Path(output_root) / run_id)]
+        broadcast_object_list(chosen, from_process=0)
+        run_dir = chosen[0]
+    path = Path(run_dir).absolute()
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+class PreemptionFlag:
+    """Set by SIGTERM or SIGUSR1 (SLURM's pre-emption warnings); all ranks agree via an all-reduce."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def any_rank_signalled(self) -> bool:
+        local = torch.tensor([1.0 if self.received is not None else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, reduction="sum")
+        return bool(local.item() > 0)
