@@ -1,0 +1,91 @@
+"""SentencePiece tokenizer with T5's id layout (pad 0, eos 1, unk 2, no bos).
+
+We call `sentencepiece.SentencePieceProcessor` directly instead of a `transformers` tokenizer: its
+batched C++ encode is about 10x faster on CPU, it has no 5.x pitfalls (`T5Tokenizer(vocab_file=...)`
+silently builds a 104-entry vocabulary), and `t5-base`'s `spiece.model` is the same file either way.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+from data.config import DataError, REPO_ROOT, resolve_repo_path
+from data.hub import hub_unreachable_message, is_connection_error
+
+T5_PAD_ID, T5_EOS_ID, T5_UNK_ID = 0, 1, 2
+
+
+class Tokenizer:
+    """Encodes documents as T5's tokenizer does: pieces followed by EOS, no BOS."""
+
+    pad_id = T5_PAD_ID
+    eos_id = T5_EOS_ID
+    unk_id = T5_UNK_ID
+
+    def __init__(self, model_proto: bytes, source: str):
+        self.source = source
+        self._model_proto = model_proto
+        self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        layout = (self._processor.pad_id(), self._processor.eos_id(), self._processor.unk_id(), self._processor.bos_id())
+        if layout != (T5_PAD_ID, T5_EOS_ID, T5_UNK_ID, -1):
+            raise DataError(
+                f"tokenizer {source} has ids (pad, eos, unk, bos) = {layout}; the data pipeline needs "
+                f"T5's layout (0, 1, 2, none), e.g. t5-base's spiece.model or data/sample/tokenizer"
+            )
+        self.vocab_size: int = self._processor.get_piece_size()
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [ids + [T5_EOS_ID] for ids in self._processor.encode(list(texts), out_type=int)]
+
+    def decode(self, ids: Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
+        """Text of one id sequence, or of each of a batch; pad and EOS decode to nothing."""
+        if len(ids) and not isinstance(ids[0], int):
+            return [self._processor.decode([int(i) for i in row]) for row in ids]
+        return self._processor.decode([int(i) for i in ids])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as the model bytes, so DataLoader workers started with `spawn` get a copy."""
+        return {"model_proto": self._model_proto, "source": self.source}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["model_proto"], state["source"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
+
+
+def build_tokenizer(cfg: Any) -> Tokenizer:
+    """Load `cfg.tokenizer`: a `.model` file, a directory holding `spiece.model`, or a hub id
+    (e.g. `t5-base`) whose `spiece.model` is fetched with `huggingface_hub`.
+
+    A value that names an existing path (absolute, or relative to the repository root) or looks
+    like a file path (ends in `.model`, starts with `.`, `/` or `~`) is local; anything else is a
+    hub id.
+    """
+    value = str(cfg.tokenizer)
+    local = resolve_repo_path(value)
+    if local.exists() or value.endswith(".model") or value.startswith((".", "/", "~")):
+        model_file = local / "spiece.model" if local.is_dir() else local
+        if not model_file.is_file():
+            raise DataError(
+                f"tokenizer file {model_file} not found (data.tokenizer={value!r}, relative paths are "
+                f"resolved against {REPO_ROOT}); point data.tokenizer at a SentencePiece .model file or "
+                f"a directory containing spiece.model (t5-base's, or data/sample/tokenizer)"
+            )
+        return Tokenizer(model_file.read_bytes(), str(model_file))
+    return Tokenizer(Path(_download_spiece_model(value)).read_bytes(), f"{value}/spiece.model")
+
+
+def _download_spiece_model(repo_id: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, "spiece.model")
+    except Exception as error:
+        if is_connection_error(error):
+            remedy = f"download {repo_id}'s spiece.model and set data.tokenizer=/path/to/spiece.model"
+            raise DataError(hub_unreachable_message(f"tokenizer {repo_id!r}", remedy)) from error
+        raise DataError(f"could not fetch spiece.model from hub repo {repo_id!r}: {error}") from error
