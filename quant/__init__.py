@@ -1,0 +1,43 @@
+"""Simulated low-precision training: INT4/INT8, FP4 (E2M1), MXFP4, NVFP4, the official
+Stable-SPAM formats, and real FP8 through torchao. See docs/quantization.md."""
+from quant.converter import (
+    PROJECTIONS,
+    Float8Converter,
+    Fp8UnavailableError,
+    FakeQuantConverter,
+    ModelConverter,
+    NoQuantConverter,
+    QuantConfig,
+    build_converter,
+    select_linears,
+)
+from quant.functional import fake_quantize, hadamard_rotate, quantize_with_mask
+from quant.layer import QuantLinear, RoundingStreams
+from quant.spec import FORMATS, QuantConfigError, QuantSpec
+
+
+def register_configs(cs) -> None:
+    """Store the `quant` group schema (`quant_schema`) in Hydra's ConfigStore."""
+    cs.store(group="quant", name="quant_schema", node=QuantConfig)
+
+
+__all__ = [
+    "FORMATS",
+    "PROJECTIONS",
+    "FakeQuantConverter",
+    "Float8Converter",
+    "Fp8UnavailableError",
+    "ModelConverter",
+    "NoQuantConverter",
+    "QuantConfig",
+    "QuantConfigError",
+    "QuantLinear",
+    "QuantSpec",
+    "RoundingStreams",
+    "build_converter",
+    "fake_quantize",
+    "hadamard_rotate",
+    "quantize_with_mask",
+    "register_configs",
+    "select_linears",
+]

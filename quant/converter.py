@@ -1,0 +1,252 @@
+"""Model converters built from the Hydra group `quant`: swap chosen nn.Linear modules in place.
+
+The trainer applies a converter to the fp32/bf16 model before building the optimizer and before
+accelerate.prepare / torch.compile, and checkpoints `converter.state_dict()` (the stochastic
+rounding streams) with the rest of the run state.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from quant.layer import ESTIMATORS, QuantLinear, RoundingStreams
+from quant.spec import QuantConfigError, QuantSpec
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("none", "fake", "fp8")
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+_BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class QuantConfig:
+    """Schema of the `quant` group.
+
+    method: "none" (nothing converted), "fake" (simulated formats via QuantLinear) or "fp8"
+        (real FP8 GEMMs through torchao; CUDA sm_89+ only).
+    target_modules: leaf names of the nn.Linear modules to convert.
+    exclude_modules: fnmatch patterns on full module names to leave in high precision.
+    keep_first_blocks / keep_last_blocks: decoder blocks (`layers.N.`) left in high precision.
+    """
+
+    name: str = "none"
+    method: str = "none"
+    weight: QuantSpec = field(default_factory=QuantSpec)
+    activation: QuantSpec = field(default_factory=QuantSpec)
+    gradient: QuantSpec = field(default_factory=QuantSpec)
+    estimator: str = "ste"
+    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    exclude_modules: list[str] = field(default_factory=list)
+    keep_first_blocks: int = 0
+    keep_last_blocks: int = 0
+    fp8_recipe: str = "tensorwise"
+
+    def validate(self) -> "QuantConfig":
+        if self.method not in METHODS:
+            raise QuantConfigError(f"quant.method={self.method!r} must be one of {METHODS}")
+        if self.estimator not in ESTIMATORS:
+            raise QuantConfigError(f"quant.estimator={self.estimator!r} must be one of {ESTIMATORS}")
+        if self.keep_first_blocks < 0 or self.keep_last_blocks < 0:
+            raise QuantConfigError("quant.keep_first_blocks / keep_last_blocks must be >= 0")
+        if self.method == "fp8" and self.fp8_recipe not in FP8_RECIPES:
+            raise QuantConfigError(f"quant.fp8_recipe={self.fp8_recipe!r} must be one of {FP8_RECIPES}")
+        if self.method == "fake":
+            self.weight.validate("weight")
+            self.activation.validate("activation")
+            self.gradient.validate("gradient")
+        return self
+
+
+class ModelConverter(Protocol):
+    def convert(self, model: nn.Module) -> nn.Module: ...
+
+    def describe(self) -> str: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def seed(self, seed: int, rank: int = 0) -> None: ...
+
+
+def select_linears(model: nn.Module, cfg: QuantConfig) -> tuple[list[str], int]:
+    """Names of the nn.Linear modules to convert, and the model's total nn.Linear count."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    blocks = sorted({int(m.group(1)) for n in linears if (m := _BLOCK_INDEX.search(n))})
+    kept_blocks = set(blocks[: cfg.keep_first_blocks])
+    if cfg.keep_last_blocks:
+        kept_blocks |= set(blocks[-cfg.keep_last_blocks :])
+    chosen = []
+    for name in linears:
+        if name.rsplit(".", 1)[-1] not in cfg.target_modules:
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.exclude_modules):
+            continue
+        block = _BLOCK_INDEX.search(name)
+        if block and int(block.group(1)) in kept_blocks:
+            continue
+        chosen.append(name)
+    return chosen, len(linears)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class NoQuantConverter:
+    """quant=none: converts nothing."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def describe(self) -> str:
+        return "none: all linears in high precision"
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def seed(self, seed: int, rank: int = 0) -> None:
+        return None
+
+
+class FakeQuantConverter:
+    """Swaps the selected linears for QuantLinear, all sharing one set of rounding streams."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.streams = RoundingStreams()
+        self.converted: list[str] = []
+        self.total_linears = 0
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        names, self.total_linears = select_linears(model, self.cfg)
+        for name in names:
+            linear = model.get_submodule(name)
+            _swap(
+                model,
+                name,
+                QuantLinear.from_linear(
+                    linear,
+                    weight_spec=self.cfg.weight,
+                    activation_spec=self.cfg.activation,
+                    gradient_spec=self.cfg.gradient,
+                    estimator=self.cfg.estimator,
+                    streams=self.streams,
+                ),
+            )
+        self.converted = names
+        return model
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        parts = [f"{cfg.name} W({cfg.weight.summary()}) A({cfg.activation.summary()})"]
+        if cfg.gradient.enabled:
+            parts.append(f"G({cfg.gradient.summary()})")
+        parts.append(cfg.estimator)
+        parts.append(f"on {len(self.converted)}/{self.total_linears} linears")
+        return " ".join(parts)
+
+    def state_dict(self) -> dict:
+        return {"rounding_streams": self.streams.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streams.load_state_dict(state["rounding_streams"])
+
+    def seed(self, seed: int, rank: int = 0) -> None:
+        self.streams.seed(seed, rank)
+
+
+class Float8Converter:
+    """Real FP8 GEMMs via torchao `convert_to_float8_training` (needs FP8 tensor cores)."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.converted: list[str] = []
+        self.total_linears = 0
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        _require_fp8_gpu()
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        names, self.total_linears = select_linears(model, self.cfg)
+        # torchao's FP8 GEMM (torch._scaled_mm) needs both dimensions divisible by 16.
+        chosen = {
+            n for n in names
+            if model.get_submodule(n).in_features % 16 == 0
+            and model.get_submodule(n).out_features % 16 == 0
+        }
+        convert_to_float8_training(
+            model,
+            config=Float8LinearConfig.from_recipe_name(self.cfg.fp8_recipe),
+            module_filter_fn=lambda module, fqn: fqn in chosen,
+        )
+        self.converted = sorted(chosen)
+        return model
+
+    def describe(self) -> str:
+        return (
+            f"fp8 torchao {self.cfg.fp8_recipe} on {len(self.converted)}/{self.total_linears} linears"
+        )
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def seed(self, seed: int, rank: int = 0) -> None:
+        return None
+
+
+class Fp8UnavailableError(QuantConfigError):
+    """quant=fp8 on a machine without FP8 tensor cores."""
+
+
+def _require_fp8_gpu() -> None:
+    if not torch.cuda.is_available():
+        raise Fp8UnavailableError(
+            "quant=fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); this run is on CPU. "
+            "Use quant=int8 / quant=int4 / quant=mxfp4 / quant=nvfp4 (simulated) instead."
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise Fp8UnavailableError(
+            f"quant=fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); this GPU is "
+            f"sm_{major}{minor}. Use quant=int8 / quant=int4 / quant=mxfp4 / quant=nvfp4 "
+            "(simulated) instead."
+        )
+
+
+def to_quant_config(cfg: Any) -> QuantConfig:
+    """Accept a QuantConfig, a composed DictConfig node or a plain dict; validate types."""
+    if isinstance(cfg, QuantConfig):
+        return cfg.validate()
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(QuantConfig), cfg)
+    except Exception as error:  # OmegaConf raises several types for a bad key or value
+        raise QuantConfigError(f"quant config: {error}") from error
+    return OmegaConf.to_object(merged).validate()
+
+
+def build_converter(cfg: Any) -> ModelConverter:
+    """The converter for a composed `quant` node (or QuantConfig / dict)."""
+    config = to_quant_config(cfg)
+    if config.method == "none":
+        return NoQuantConverter(config)
+    if config.method == "fp8":
+        return Float8Converter(config)
+    return FakeQuantConverter(config)

@@ -1,0 +1,128 @@
+"""`QuantSpec`: what one operand (weights, activations or gradients) is quantized to.
+
+A single typed dataclass serves as the Python API, the Hydra schema node and the unit of
+validation, so a spec that passes `validate()` is one `fake_quantize` can run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+class QuantConfigError(ValueError):
+    """A quantization setting that cannot work; the message names the field and the fix."""
+
+
+FORMATS = ("none", "int4", "int8", "fp4", "mxfp4", "nvfp4", "int4_official", "fp4_official")
+GROUPINGS = ("k", "flat")
+
+DEFAULT_GROUP_SIZE = {
+    "int4": 128,
+    "int8": 128,
+    "fp4": 32,
+    "mxfp4": 32,
+    "nvfp4": 16,
+    "int4_official": 256,
+    "fp4_official": 256,
+}
+# Block sizes fixed by the format definitions (OCP MX v1.0; NVIDIA NVFP4).
+FIXED_GROUP_SIZE = {"mxfp4": 32, "nvfp4": 16}
+INT_BITS = {"int4": 4, "int8": 8}
+
+
+@dataclass
+class QuantSpec:
+    """How to fake-quantize one tensor.
+
+    format: one of FORMATS ("none" leaves the tensor untouched).
+    group_size: elements sharing one scale; None = the format's default, -1 = a whole row
+        (per output channel / per token). Fixed at 32 for mxfp4 and 16 for nvfp4.
+    symmetric: integer formats only; False = min/max with a zero point (levels 0..2^b-1).
+    stochastic: stochastic rounding (unbiased) instead of round-to-nearest-even.
+    grouping: "k" = groups of consecutive elements along the last (reduction) dimension;
+        "flat" = groups of the flattened tensor (the official code's layout, groups may
+        straddle rows).
+    block_2d: 2-D tensors only: square group_size x group_size tiles (NVFP4 weight recipe, so
+        W and W^T quantize alike).
+    outlier_topk: per group, keep the k largest |x| unquantized and scale the rest.
+    hadamard_size: 0 = off; else quantize in a basis rotated by an orthonormal block Hadamard
+        transform of this size (a power of two) along the last dimension, then rotate back.
+    narrow_range: symmetric integers: levels -(2^(b-1)-1)..2^(b-1)-1 with scale absmax/qmax
+        (True), or the full two's-complement range with torchao's scale absmax/(qmax+1/2).
+    """
+
+    format: str = "none"
+    group_size: Optional[int] = None
+    symmetric: bool = True
+    stochastic: bool = False
+    grouping: str = "k"
+    block_2d: bool = False
+    outlier_topk: int = 0
+    hadamard_size: int = 0
+    narrow_range: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.format != "none"
+
+    @property
+    def resolved_group_size(self) -> int:
+        if self.group_size is None:
+            return DEFAULT_GROUP_SIZE.get(self.format, -1)
+        return self.group_size
+
+    def validate(self, role: str = "spec") -> "QuantSpec":
+        """Raise QuantConfigError with one clear message for any impossible combination."""
+
+        def fail(message: str) -> None:
+            raise QuantConfigError(f"quant {role}: {message}")
+
+        if self.format not in FORMATS:
+            fail(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if not self.enabled:
+            return self
+        if self.grouping not in GROUPINGS:
+            fail(f"grouping={self.grouping!r} must be 'k' (along the reduction dim) or 'flat'")
+        size = self.resolved_group_size
+        if size == 0 or size < -1:
+            fail(f"group_size={size} must be a positive integer or -1 (whole row)")
+        fixed = FIXED_GROUP_SIZE.get(self.format)
+        if fixed is not None and size != fixed:
+            fail(f"format={self.format} uses blocks of {fixed} by definition; got group_size={size}")
+        if self.block_2d and (self.grouping != "k" or size == -1):
+            fail("block_2d needs grouping='k' and a positive group_size")
+        if self.outlier_topk < 0:
+            fail(f"outlier_topk={self.outlier_topk} must be >= 0")
+        if self.outlier_topk and size != -1 and self.outlier_topk >= size:
+            fail(f"outlier_topk={self.outlier_topk} must be smaller than group_size={size}")
+        if self.outlier_topk and not self.symmetric:
+            fail("outlier_topk needs a symmetric (absmax-scaled) format")
+        if not self.symmetric and self.format not in ("int4", "int8", "int4_official"):
+            fail(f"symmetric=false is only defined for integer formats, not {self.format}")
+        if self.format == "int4_official" and not self.symmetric and self.stochastic:
+            fail("the official INT4 weight quantizer has no stochastic rounding")
+        if self.format == "fp4_official" and self.stochastic:
+            fail("the official FP4 quantizer has no stochastic rounding; use format=fp4")
+        h = self.hadamard_size
+        if h < 0 or (h and h & (h - 1)):
+            fail(f"hadamard_size={h} must be 0 (off) or a power of two")
+        return self
+
+    def summary(self) -> str:
+        """Short human-readable form for the run log, e.g. 'g128,sym,RTN'."""
+        if not self.enabled:
+            return "bf16"
+        size = self.resolved_group_size
+        parts = [self.format, "row" if size == -1 else f"g{size}"]
+        if self.grouping == "flat":
+            parts.append("flat")
+        if self.block_2d:
+            parts.append(f"{size}x{size}")
+        if self.format in ("int4", "int8", "int4_official"):
+            parts.append("sym" if self.symmetric else "asym")
+        if self.outlier_topk:
+            parts.append(f"top{self.outlier_topk}")
+        if self.hadamard_size:
+            parts.append(f"H{self.hadamard_size}")
+        parts.append("SR" if self.stochastic else "RTN")
+        return ",".join(parts)
