@@ -10,6 +10,7 @@ import contextlib
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import hydra
@@ -105,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     accelerator.register_for_checkpointing(scheduler)
 
     train_loader = data.build_train_loader(
-        cfg.data, tokenizer, rank=rank, world_size=world, micro_batch_size=tcfg.micro_batch_size, seed=tcfg.seed
+        cfg.data, tokenizer, rank=rank, world_size=world, micro_batch_size=tcfg.micro_batch_size
     )
     val_batches = data.build_val_batches(cfg.data, tokenizer, rank=rank, world_size=world,
                                          micro_batch_size=tcfg.micro_batch_size)
@@ -120,9 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if accelerator.is_main_process:
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     if wandb_mode != "disabled":
-        import wandb
-
-        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb_id = wandb_id or uuid.uuid4().hex[:8]
         accelerator.init_trackers(
             cfg.logging.project,
             config=OmegaConf.to_container(cfg, resolve=True),

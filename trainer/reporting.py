@@ -44,7 +44,7 @@ class Reporter:
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.max_steps = max_steps
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.metrics_file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
         self.progress: Progress | None = None

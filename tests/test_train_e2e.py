@@ -1,0 +1,137 @@
+"""End-to-end runs of train.py on the bundled sample corpus: resume, multi-process, bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A few-second run: tiny model, 32-token rows, 2 sequences per micro-batch, 2 accumulation steps.
+TINY_RUN = [
+    "+experiment=quickstart", "trainer.cpu=true", "logging.wandb_mode=disabled", "logging.progress=lines",
+    "data.seq_len=32", "data.val_tokens=2048", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+    "trainer.warmup_steps=2", "trainer.eval_at_start=false", "trainer.log_every=1", "checkpoint.export_hf=false",
+    "optimizer.reset_interval=3",
+]
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *TINY_RUN, f"run_dir={run_dir}", *overrides]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("SLURM_JOB_ID", None)
+    return env
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step; a step logged twice (before a kill and after resume) keeps the last."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def test_preempted_and_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_path):
+    steps = "trainer.max_steps=24"
+    reference = run(command(tmp_path / "reference", steps, "checkpoint.every=6"))
+    assert reference.returncode == 0, reference.stderr
+    expected = train_losses(tmp_path / "reference")
+    assert sorted(expected) == list(range(1, 25))
+
+    # SIGTERM as soon as training is set up: the run saves at the end of step 1 and exits with 75.
+    # Offline wandb here, to check that the resumed run continues the same wandb run.
+    preempted_dir = tmp_path / "preempted"
+    with_wandb = (steps, "checkpoint.every=6", "logging.wandb_mode=offline")
+    proc = subprocess.Popen(command(preempted_dir, *with_wandb), cwd=ROOT, env=environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("run "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == 75
+    assert (preempted_dir / "PREEMPTED").exists()
+    assert (preempted_dir / "checkpoints" / "step_00000001").is_dir()
+    resumed = run(command(preempted_dir, *with_wandb))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and not (preempted_dir / "PREEMPTED").exists()
+    assert train_losses(preempted_dir) == expected
+    wandb_runs = sorted((preempted_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in wandb_runs}) == 1
+
+    # SIGKILL after the step-6 checkpoint landed: no chance to save, resume from the checkpoint.
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed_dir, steps, "checkpoint.every=6"), cwd=ROOT, env=environment(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_00000006").is_dir() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert max(train_losses(killed_dir)) < 24, "the run finished before it could be killed"
+    resumed = run(command(killed_dir, steps, "checkpoint.every=6"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(killed_dir) == expected
+    kept = sorted(p.name for p in (killed_dir / "checkpoints").iterdir())
+    assert kept == ["step_00000018", "step_00000024"]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    overrides = ["trainer.max_steps=4", "checkpoint.every=0", "quant=int4"]
+    single = run(command(tmp_path / "single", *overrides))
+    assert single.returncode == 0, single.stderr
+    # accelerate's `--cpu` launcher starts a single process; `--multi_gpu` starts torchrun workers,
+    # which use gloo on CPU (trainer.cpu=true).
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    double = run(launcher + command(tmp_path / "double", *overrides)[1:] + ["trainer.global_batch_size=4"])
+    assert double.returncode == 0, double.stderr
+    assert "2 process(es)" in double.stdout
+    one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.path=/nonexistent/c4"], "/nonexistent/c4"),
+        (["data=c4", "model.vocab_size=32000"], "data=sample"),
+        (["trainer.precision=fp16"], "trainer.precision='fp16'"),
+        (["trainer.global_batch_size=5"], "multiple of"),
+    ],
+    ids=["missing-data-dir", "hub-unreachable", "bad-precision", "bad-batch"],
+)
+def test_bad_inputs_fail_with_one_clear_message(tmp_path, overrides, message):
+    result = run(command(tmp_path / "run", "trainer.max_steps=2", *overrides), timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("overrides", [["optimizer=no_such_optimizer"], ["trainer.max_step=3"],
+                                       ["trainer.max_steps=many"]])
+def test_unknown_config_values_are_rejected_by_hydra(tmp_path, overrides):
+    result = run(command(tmp_path / "run", *overrides), timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert any(word in result.stderr for word in ("Could not find", "not in struct", "Key 'max_step'",
+                                                   "Value 'many'")), result.stderr
