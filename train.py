@@ -187,7 +187,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             reporter.info(f"step {step}: non-finite loss/gradient, update skipped ({skipped_in_a_row} in a row)")
 
         elapsed = time.perf_counter() - started
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps or not finite:
             tokens_per_s = tokens_per_step / elapsed
             clipped = grad_norm * min(1.0, tcfg.grad_clip / (grad_norm + 1e-6)) if tcfg.grad_clip else grad_norm
             reporter.log(step, {

@@ -28,7 +28,7 @@ def tiny_config(run_dir: Path, *overrides: str):
         return compose(config_name="config", overrides=[
             "+experiment=quickstart", "trainer.cpu=true", "logging.wandb_mode=disabled", "logging.progress=lines",
             "data.seq_len=32", "data.val_tokens=1024", "trainer.micro_batch_size=2", "trainer.global_batch_size=2",
-            "trainer.max_steps=6", "trainer.warmup_steps=1", "trainer.eval_at_start=false",
+            "trainer.max_steps=6", "trainer.warmup_steps=1", "trainer.eval_at_start=false", "trainer.log_every=1",
             "checkpoint.every=2", "checkpoint.export_hf=false", f"run_dir={run_dir}", *overrides,
         ])
 
