@@ -43,9 +43,11 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
     No attention mask: padding (paper mode) is always on the right, so with causal attention no
     real token ever attends to a pad token, and SDPA keeps its fast causal kernel.
+    The targets are shifted rather than the logits: slicing the (batch, seq, vocab) logits would make
+    autograd allocate and fill a full-size zero gradient for the dropped position.
     """
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
+    logits = model(input_ids=batch["input_ids"]).logits
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
 
 

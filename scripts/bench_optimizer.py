@@ -1,0 +1,117 @@
+"""Time optimizer.step() of every zoo optimizer on LLaMA parameter shapes against torch AdamW.
+
+The parameters are fp32 tensors with the shapes of the model (no forward pass) and fixed random
+gradients; AdamW (fused on CUDA, foreach on CPU) is measured in the same run and every optimizer is
+reported as ms/step and as a ratio to it. Prints one JSON object.
+
+    PYTHONPATH=. python scripts/bench_optimizer.py --device cpu --sizes 60m 350m --steps 3
+
+Rounds are interleaved and the fastest is kept, so a busy machine biases every row alike.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+from stablespam import SPAM, AdaClip, AdaGN, Adafactor, AdamMini, Lion, Stabilized, StableSPAM
+
+# (hidden, intermediate, layers, heads), vocab 32000, untied head: paper Table 5.
+SIZES = {"60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 24, 16),
+         "1b": (2048, 5461, 24, 32)}
+VOCAB = 32000
+
+
+def named_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    d, f, layers, _ = SIZES[size]
+    shapes = [("model.embed_tokens.weight", (VOCAB, d))]
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        shapes += [(prefix + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkvo"]
+        shapes += [(prefix + "mlp.gate_proj.weight", (f, d)), (prefix + "mlp.up_proj.weight", (f, d)),
+                   (prefix + "mlp.down_proj.weight", (d, f)), (prefix + "input_layernorm.weight", (d,)),
+                   (prefix + "post_attention_layernorm.weight", (d,))]
+    return shapes + [("model.norm.weight", (d,)), ("lm_head.weight", (VOCAB, d))]
+
+
+def builders(size: str, device: torch.device, compile_: bool) -> dict[str, Callable]:
+    d, _, _, heads = SIZES[size]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    zoo: dict[str, Callable] = {
+        "adamw": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-3, **fast),
+        "stable_spam": lambda named: StableSPAM([p for _, p in named], lr=1e-3),
+        "stable_spam_official": lambda named: StableSPAM([p for _, p in named], lr=1e-3, mode="official",
+                                                         total_steps=20000),
+        "spam": lambda named: SPAM([p for _, p in named], lr=1e-3),
+        "lion": lambda named: Lion([p for _, p in named], lr=1e-4),
+        "lion_adagn_adaclip": lambda named: Stabilized(Lion([p for _, p in named], lr=1e-4),
+                                                       [AdaGN(), AdaClip()]),
+        "adam_mini": lambda named: AdamMini(named, lr=1e-3, dim=d, n_heads=heads),
+        "adafactor": lambda named: Adafactor([p for _, p in named], lr=1e-3, relative_step=False,
+                                             scale_parameter=False, beta1=0.9),
+    }
+    if compile_:
+        zoo["stable_spam_compiled"] = lambda named: StableSPAM([p for _, p in named], lr=1e-3, compile=True)
+    return zoo
+
+
+def time_step(build: Callable, size: str, device: torch.device, steps: int, warmup: int) -> float:
+    gen = torch.Generator(device=device).manual_seed(0)
+    named = []
+    for name, shape in named_shapes(size):
+        p = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen) * 0.02)
+        p.grad = torch.randn(shape, device=device, generator=gen) * 1e-3
+        named.append((name, p))
+    opt = build(named)
+    for _ in range(warmup):
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps * 1e3
+    del opt, named
+    gc.collect()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", nargs="+", default=["60m", "350m"], choices=sorted(SIZES))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="interleaved rounds over all optimizers; the fastest round is reported")
+    parser.add_argument("--compile", action="store_true", help="also time StableSPAM(compile=True)")
+    parser.add_argument("--only", nargs="*", default=None, help="subset of optimizers (adamw always runs)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    result: dict[str, object] = {"device": str(device), "torch": torch.__version__,
+                                 "threads": torch.get_num_threads(), "steps": args.steps, "sizes": {}}
+    for size in args.sizes:
+        zoo = builders(size, device, args.compile)
+        names = ["adamw"] + [n for n in zoo if n != "adamw" and (args.only is None or n in args.only)]
+        n_params = sum(torch.Size(s).numel() for _, s in named_shapes(size))
+        best = {name: float("inf") for name in names}
+        for _ in range(args.repeats):
+            for name in names:
+                best[name] = min(best[name], time_step(zoo[name], size, device, args.steps, args.warmup))
+        rows = {name: {"ms_per_step": round(ms, 2)} for name, ms in best.items()}
+        base = rows["adamw"]["ms_per_step"]
+        for row in rows.values():
+            row["vs_adamw"] = round(row["ms_per_step"] / base, 2)
+        result["sizes"][size] = {"parameters": n_params, "tensors": len(named_shapes(size)),
+                                 "adamw": "fused" if device.type == "cuda" else "foreach", "optimizers": rows}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

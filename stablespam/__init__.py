@@ -1,0 +1,44 @@
+"""Optimizer zoo: Stable-SPAM, SPAM and the papers' baselines, with composable stabilizers.
+
+`build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node;
+`register_configs(cs)` stores the typed schemas of that group.
+"""
+from stablespam.adafactor import Adafactor
+from stablespam.adam_mini import AdamMini
+from stablespam.factory import (
+    PAPER_LEARNING_RATES,
+    AdafactorConfig,
+    AdamConfig,
+    AdamMiniConfig,
+    LionConfig,
+    SPAMConfig,
+    StableSPAMConfig,
+    build_optimizer,
+    register_configs,
+)
+from stablespam.lion import Lion
+from stablespam.spam import SPAM
+from stablespam.stabilizers import AdaClip, AdaGN, MoRet, SpikeClip, Stabilized
+from stablespam.stable_spam import StableSPAM
+
+__all__ = [
+    "PAPER_LEARNING_RATES",
+    "AdaClip",
+    "AdaGN",
+    "Adafactor",
+    "AdafactorConfig",
+    "AdamConfig",
+    "AdamMini",
+    "AdamMiniConfig",
+    "Lion",
+    "LionConfig",
+    "MoRet",
+    "SPAM",
+    "SPAMConfig",
+    "SpikeClip",
+    "Stabilized",
+    "StableSPAM",
+    "StableSPAMConfig",
+    "build_optimizer",
+    "register_configs",
+]

@@ -1,0 +1,44 @@
+"""Helpers shared by the optimizers: state dtypes that survive `load_state_dict`, and the refusal
+of sharded (DTensor) parameters.
+
+`torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point parameter to
+the parameter's dtype: a bf16 model would silently round its fp32 running statistics (and fp32
+moments) on resume, and SPAM's int64 mask indices would become floats. `restore_saved_dtypes` puts
+the saved tensors back with their own dtype.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+
+
+def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """After `Optimizer.load_state_dict`, re-set the state tensors whose dtype the base class changed."""
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    for saved_id, param in zip(saved_ids, params):
+        saved = state_dict["state"].get(saved_id)
+        if saved is None:
+            continue
+        loaded = optimizer.state[param]
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
+                loaded[key] = value.to(device=param.device, copy=True)
+
+
+def refuse_sharded(params: Iterable[torch.Tensor], optimizer_name: str) -> None:
+    """Per-tensor max and norm of a DTensor shard are not those of the whole tensor: refuse clearly."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return
+    for p in params:
+        if isinstance(p, DTensor):
+            raise NotImplementedError(
+                f"{optimizer_name} computes per-tensor max |g| and ||g||; sharded DTensor parameters "
+                "(FSDP2) would give per-shard statistics. Use DDP, or an optimizer without "
+                "per-tensor statistics (adam, adamw, lion) under FSDP2."
+            )

@@ -1,0 +1,236 @@
+"""Typed Hydra schemas for the `optimizer` group and `build_optimizer`, the trainer's entry point.
+
+Each schema has `name` (the preset / variant, e.g. "stable_spam_4bit") and `kind` (which optimizer
+class builds it). Baselines also carry the composable stabilizer switches (adaclip, adagn,
+moret_interval, spike_clip), so Table 3/4 compositions are yaml presets.
+
+`total_steps` of StableSPAM (the official total_T, beta1/gamma1 cosine): null = no cosine, a
+positive number = that many steps, -1 = the trainer's max_steps (passed to build_optimizer).
+
+Parameter groups: with weight_decay > 0, tensors with fewer than 2 dims (norms, biases) and
+embeddings get no decay; SPAM's `density` applies only to the attention/MLP projection weights
+(official trainer); Adam-mini partitions by module role from the parameter names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from stablespam.adafactor import Adafactor
+from stablespam.adam_mini import AdamMini
+from stablespam.lion import Lion
+from stablespam.spam import SPAM
+from stablespam.stabilizers import AdaClip, AdaGN, MoRet, SpikeClip, Stabilized
+from stablespam.stable_spam import StableSPAM
+
+# Paper Tables 6 (4-bit) and 7 (BF16) learning rates of Stable-SPAM; pick with optimizer.lr=...
+PAPER_LEARNING_RATES: dict[str, dict[str, float]] = {
+    "stable_spam_4bit": {"llama_130m": 1e-3, "llama_350m": 4e-4, "llama_1b": 2e-4},
+    "stable_spam_bf16": {"llama_60m": 1e-3, "llama_130m": 8e-4, "llama_350m": 4e-4, "llama_1b": 2e-4},
+}
+
+_PROJECTION = re.compile(r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+
+
+@dataclass
+class StabilizerFields:
+    """AdaClip / AdaGN / SpikeClip / MoRet in front of a baseline (all off by default)."""
+
+    adaclip: bool = False
+    adagn: bool = False
+    spike_clip: bool = False
+    moret_interval: int = 0
+    gamma1: float = 0.7
+    gamma2: float = 0.9
+    gamma3: float = 0.999
+    spike_threshold: float = 5000.0
+    spike_delay: int = 20
+    stabilizer_eps: float = 1e-8
+
+
+@dataclass
+class AdamConfig(StabilizerFields):
+    name: str = "adam"
+    kind: str = "adam"  # "adam" (torch.optim.Adam) or "adamw" (torch.optim.AdamW)
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LionConfig(StabilizerFields):
+    name: str = "lion"
+    kind: str = "lion"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamMiniConfig(StabilizerFields):
+    name: str = "adam_mini"
+    kind: str = "adam_mini"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdafactorConfig(StabilizerFields):
+    name: str = "adafactor"
+    kind: str = "adafactor"
+    lr: float | None = 1e-3
+    beta1: float | None = 0.9
+    eps: list[float] = field(default_factory=lambda: [1e-30, 1e-3])
+    clip_threshold: float = 1.0
+    decay_rate: float = -0.8
+    weight_decay: float = 0.0
+    relative_step: bool = False
+    scale_parameter: bool = False
+    warmup_init: bool = False
+
+
+@dataclass
+class SPAMConfig:
+    name: str = "spam"
+    kind: str = "spam"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    density: float = 1.0
+    threshold: float = 5000.0
+    reset_interval: int = 500
+    warmup_steps: int = 150
+    clip_delay: int = 20
+    mask_seed: int = 0
+
+
+@dataclass
+class StableSPAMConfig:
+    name: str = "stable_spam"
+    kind: str = "stable_spam"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    gamma1: float = 0.7
+    gamma2: float = 0.9
+    gamma3: float = 0.999
+    reset_interval: int = 1000
+    total_steps: int | None = None
+    eta_min: float = 0.5
+    mode: str = "official"
+    fp32_moments: bool = False
+    compile: bool = False
+
+
+SCHEMAS: dict[str, type] = {
+    "adam_schema": AdamConfig,
+    "lion_schema": LionConfig,
+    "adam_mini_schema": AdamMiniConfig,
+    "adafactor_schema": AdafactorConfig,
+    "spam_schema": SPAMConfig,
+    "stable_spam_schema": StableSPAMConfig,
+}
+
+
+def register_configs(cs: ConfigStore) -> None:
+    """Store the optimizer schemas in group `optimizer` (yaml files list `<kind>_schema` first)."""
+    for schema_name, schema in SCHEMAS.items():
+        cs.store(group="optimizer", name=schema_name, node=schema)
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if is_dataclass(cfg):
+        return asdict(cfg)
+    return dict(cfg)
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    if weight_decay == 0:
+        return [{"params": decay + no_decay}]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _on_cuda(model: torch.nn.Module) -> bool:
+    return all(p.is_cuda for p in model.parameters())
+
+
+def _stabilize(base: torch.optim.Optimizer, c: dict[str, Any]) -> torch.optim.Optimizer:
+    transforms: list[Any] = []
+    if c["spike_clip"]:
+        transforms.append(SpikeClip(c["spike_threshold"], c["spike_delay"]))
+    if c["adaclip"]:
+        transforms.append(AdaClip(c["gamma3"]))
+    if c["adagn"]:
+        transforms.append(AdaGN(c["gamma1"], c["gamma2"], c["stabilizer_eps"]))
+    moret = MoRet(c["moret_interval"]) if c["moret_interval"] > 0 else None
+    if not transforms and moret is None:
+        return base
+    return Stabilized(base, transforms, moret)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int) -> torch.optim.Optimizer:
+    """The optimizer described by the composed `optimizer` node `cfg` for `model`'s parameters."""
+    c = _as_dict(cfg)
+    kind = c["kind"]
+    if kind in ("adam", "adamw"):
+        cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+        fast = {"fused": True} if _on_cuda(model) else {"foreach": True}
+        base = cls(_decay_groups(model, c["weight_decay"]), lr=c["lr"], betas=tuple(c["betas"]),
+                   eps=c["eps"], weight_decay=c["weight_decay"], **fast)
+        return _stabilize(base, c)
+    if kind == "lion":
+        base = Lion(_decay_groups(model, c["weight_decay"]), lr=c["lr"], betas=tuple(c["betas"]),
+                    weight_decay=c["weight_decay"])
+        return _stabilize(base, c)
+    if kind == "adam_mini":
+        hf = model.config  # type: ignore[attr-defined]
+        base = AdamMini(model.named_parameters(), lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"],
+                        weight_decay=c["weight_decay"], dim=hf.hidden_size,
+                        n_heads=hf.num_attention_heads,
+                        n_kv_heads=getattr(hf, "num_key_value_heads", None))
+        return _stabilize(base, c)
+    if kind == "adafactor":
+        base = Adafactor(_decay_groups(model, c["weight_decay"]), lr=c["lr"], eps=tuple(c["eps"]),
+                         clip_threshold=c["clip_threshold"], decay_rate=c["decay_rate"],
+                         beta1=c["beta1"], weight_decay=c["weight_decay"],
+                         relative_step=c["relative_step"], scale_parameter=c["scale_parameter"],
+                         warmup_init=c["warmup_init"])
+        return _stabilize(base, c)
+    if kind == "spam":
+        dense, sparse = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (sparse if _PROJECTION.search(name) and p.dim() == 2 else dense).append(p)
+        groups = [{"params": sparse, "density": c["density"]}, {"params": dense, "density": 1.0}]
+        return SPAM([g for g in groups if g["params"]], lr=c["lr"], betas=tuple(c["betas"]),
+                    eps=c["eps"], weight_decay=c["weight_decay"], threshold=c["threshold"],
+                    reset_interval=c["reset_interval"], warmup_steps=c["warmup_steps"],
+                    clip_delay=c["clip_delay"], mask_seed=c["mask_seed"])
+    if kind == "stable_spam":
+        total = c["total_steps"]
+        if total is not None and total < 0:
+            total = total_steps
+        return StableSPAM(_decay_groups(model, c["weight_decay"]), lr=c["lr"], betas=tuple(c["betas"]),
+                          eps=c["eps"], weight_decay=c["weight_decay"], gamma1=c["gamma1"],
+                          gamma2=c["gamma2"], gamma3=c["gamma3"], reset_interval=c["reset_interval"],
+                          total_steps=total, eta_min=c["eta_min"], mode=c["mode"],
+                          fp32_moments=c["fp32_moments"], compile=c["compile"])
+    raise ValueError(f"unknown optimizer kind {kind!r} (optimizer.name={c.get('name')!r})")

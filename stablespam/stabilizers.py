@@ -1,0 +1,170 @@
+"""Composable stabilizers: AdaClip, AdaGN, SpikeClip and MoRet in front of any base optimizer.
+
+`Stabilized(base, transforms=[AdaClip(), AdaGN()], moret=MoRet(1000))` rewrites every gradient with
+the transforms (in order; the same functions `StableSPAM` runs) and then calls `base.step()`;
+MoRet zeroes the base optimizer's state every `interval` steps *before* that step's update (the
+corrected semantics of StableSPAM). So the paper's Table 3 (Lion + AdaGN + AdaClip, Adam-mini +
+AdaGN + AdaClip) and Table 4 ablations (Adam + MoRet, + AdaClip, + AdaGN, SPAM's SpikeClip) are
+configurations, and Adam + MoRet + AdaGN + AdaClip equals `StableSPAM(mode="corrected")` with no
+beta1 cosine (tested).
+
+MoRet resets the base's per-parameter state generically: every floating-point tensor is zeroed and a
+`step` counter is set to 0 (so the base's bias corrections restart at 1). Statistics of the
+transforms are fp32 (fp64 for fp64 parameters) and never reset, and their bias corrections use the
+wrapper's global step.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stablespam._state import refuse_sharded, restore_saved_dtypes
+from stablespam.stable_spam import stat_dtype
+from stablespam.transforms import adaclip_, adagn_, spike_clip_
+
+
+@dataclass(frozen=True)
+class AdaClip:
+    """Adaptive spike clipping against an EMA (gamma3) of each tensor's max |g|."""
+
+    gamma3: float = 0.999
+
+
+@dataclass(frozen=True)
+class AdaGN:
+    """Adaptive gradient-norm scaling with norm EMAs gamma1 (first) and gamma2 (second moment)."""
+
+    gamma1: float = 0.7
+    gamma2: float = 0.9
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class SpikeClip:
+    """SPAM's clipping g^2 <= threshold * v against the base's `exp_avg_sq`, off for `delay` steps
+    after the start and after every momentum reset (v is near zero there)."""
+
+    threshold: float = 5000.0
+    delay: int = 20
+
+
+@dataclass(frozen=True)
+class MoRet:
+    """Zero the base optimizer's state every `interval` steps (0 = never)."""
+
+    interval: int = 1000
+
+
+Transform = AdaClip | AdaGN | SpikeClip
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Zero every floating-point state tensor of `optimizer` and set its `step` counters to 0."""
+    for state in optimizer.state.values():
+        for key, value in list(state.items()):
+            if key == "step":
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+                else:
+                    state[key] = 0
+            elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.zero_()
+
+
+class Stabilized(torch.optim.Optimizer):
+    """Gradient transforms + momentum reset around a base optimizer, sharing its param groups."""
+
+    def __init__(self, base: torch.optim.Optimizer, transforms: Sequence[Transform] = (),
+                 moret: MoRet | None = None) -> None:
+        self.base = base
+        self.transforms = tuple(transforms)
+        self.moret = moret
+        for group in base.param_groups:
+            group.setdefault("stabilizer_step", 0)
+        super().__init__(base.param_groups, base.defaults)
+        self.base.param_groups = self.param_groups
+
+    def __repr__(self) -> str:
+        return f"Stabilized({self.base!r}, transforms={self.transforms}, moret={self.moret})"
+
+    def _stats(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            dtype = stat_dtype(p.dtype)
+            state.update(stat_step=0, **{k: torch.zeros((), dtype=dtype, device=p.device)
+                                         for k in ("max_ema", "norm_ema", "norm_sq_ema")})
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        reset = False
+        for group in self.param_groups:
+            group["stabilizer_step"] += 1
+            t = group["stabilizer_step"]
+            reset = reset or bool(self.moret and self.moret.interval > 0 and t % self.moret.interval == 0)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params and self.transforms:
+                refuse_sharded(params, "Stabilized")
+                self._transform_group(params, t)
+        if reset:
+            reset_optimizer_state(self.base)
+        self.base.step()
+        return loss
+
+    def _transform_group(self, params: list[torch.Tensor], t: int) -> None:
+        buckets: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            state = self._stats(p)
+            state["stat_step"] += 1
+            buckets[(p.device, state["stat_step"])].append(p)
+        for (_, k), bucket in buckets.items():
+            grads = [p.grad for p in bucket]
+            states = [self.state[p] for p in bucket]
+            for transform in self.transforms:
+                if isinstance(transform, AdaClip):
+                    max_ema = torch.stack([s["max_ema"] for s in states])
+                    adaclip_(grads, max_ema, transform.gamma3, 1.0 - transform.gamma3**k)
+                    torch._foreach_copy_([s["max_ema"] for s in states], list(max_ema.unbind(0)))
+                elif isinstance(transform, AdaGN):
+                    norm_ema = torch.stack([s["norm_ema"] for s in states])
+                    norm_sq_ema = torch.stack([s["norm_sq_ema"] for s in states])
+                    adagn_(grads, norm_ema, norm_sq_ema, transform.gamma1, transform.gamma2,
+                           1.0 - transform.gamma1**k, 1.0 - transform.gamma2**k, transform.eps)
+                    torch._foreach_copy_([s["norm_ema"] for s in states], list(norm_ema.unbind(0)))
+                    torch._foreach_copy_([s["norm_sq_ema"] for s in states], list(norm_sq_ema.unbind(0)))
+                else:
+                    self._spike_clip(bucket, grads, transform, t)
+
+    def _spike_clip(self, params: list[torch.Tensor], grads: list[torch.Tensor], clip: SpikeClip,
+                    t: int) -> None:
+        interval = self.moret.interval if self.moret else 0
+        if clip.threshold == 0 or t < clip.delay or (interval > 0 and t % interval < clip.delay):
+            return
+        # before the base's first step there is no second moment yet: nothing to clip against
+        started = [(g, self.base.state[p]) for p, g in zip(params, grads) if self.base.state[p]]
+        if any("exp_avg_sq" not in state for _, state in started):
+            raise ValueError(
+                f"SpikeClip needs a base optimizer with an 'exp_avg_sq' second moment; "
+                f"{type(self.base).__name__} has none"
+            )
+        spike_clip_([g for g, _ in started], [s["exp_avg_sq"] for _, s in started], clip.threshold)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = self.base.state_dict()
+        state_dict["stabilizer_state"] = super().state_dict()["state"]
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base.load_state_dict(state_dict)
+        own = {"state": state_dict["stabilizer_state"], "param_groups": state_dict["param_groups"]}
+        super().load_state_dict(own)
+        restore_saved_dtypes(self, own)
+        self.base.param_groups = self.param_groups

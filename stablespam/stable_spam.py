@@ -1,0 +1,237 @@
+"""Stable-SPAM (arXiv 2502.17055) as a fused multi-tensor optimizer.
+
+Why our own implementation: the official code is a per-tensor Python loop with two host syncs per
+tensor (about 30x fused AdamW on an H100), keeps its statistics in the parameter dtype (they stall
+in bf16) and leaves its step counter and cosine outside `state_dict()`. This version runs AdaClip and
+AdaGN from `transforms.py` (the same functions the composable `Stabilized` wrapper uses) and an Adam
+update with `torch._foreach_*` ops, with no `.item()` and no Python branch on tensor values, and can
+compile the per-bucket step with `torch.compile`.
+
+Two modes (see docs/optimizers.md and shared/reference/stable-spam.md):
+- "official" reproduces the official step: one per-tensor counter k drives the statistics' bias
+  corrections and is reset to 1 at every momentum reset (quirk 1); the reset zeroes the moments
+  *after* that step's update, which uses the old moments with k=1 corrections (quirk 2); the beta1 /
+  gamma1 cosine keeps following the cosine past `total_steps`.
+- "corrected" keeps a never-reset counter for the statistics, zeroes the moments before the reset
+  step's update (so the reset step's gradient enters the fresh moments with k=1, as in
+  pytorch-optimizer >= 4.0), and holds the cosine at eta_min after `total_steps`.
+In both modes an all-zero gradient still takes an Adam step with its old momentum (quirk 3, which is
+also what torch.optim.Adam does) and the running statistics are fp32 (quirk 4 fixed).
+
+The global step t lives in each param group (`group["global_step"]`) and every per-tensor counter in
+the per-parameter state, so `state_dict()` carries the reset phase and the cosine position.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from stablespam._state import refuse_sharded, restore_saved_dtypes
+from stablespam.transforms import adaclip_, adagn_, momentum_scale
+
+MODES = ("official", "corrected")
+
+
+def stat_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Running statistics are fp32 for bf16/fp16/fp32 parameters and fp64 for fp64 ones."""
+    return torch.promote_types(param_dtype, torch.float32)
+_STAT_KEYS = ("max_ema", "norm_ema", "norm_sq_ema")
+
+
+def adam_update_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> None:
+    """One Adam update with bias corrections at `step`, op for op as torch.optim.Adam(foreach=True)."""
+    if grads[0].dtype != exp_avgs[0].dtype:
+        grads = [g.to(exp_avgs[0].dtype) for g in grads]
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    step_size = -(lr / bias_correction1)
+    if params[0].dtype == exp_avgs[0].dtype:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+    else:
+        torch._foreach_add_(params, torch._foreach_div(exp_avgs, denom), alpha=step_size)
+
+
+def _stable_spam_bucket(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_emas: list[torch.Tensor],
+    norm_emas: list[torch.Tensor],
+    norm_sq_emas: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    gamma1: float,
+    gamma2: float,
+    gamma3: float,
+    stat_step: int,
+    adam_step: int,
+    reset: bool,
+    official: bool,
+) -> None:
+    """AdaClip -> AdaGN -> (MoRet) -> Adam for tensors that share device, dtype and counters."""
+    max_ema = torch.stack(max_emas)
+    norm_ema = torch.stack(norm_emas)
+    norm_sq_ema = torch.stack(norm_sq_emas)
+    adaclip_(grads, max_ema, gamma3, 1.0 - gamma3**stat_step)
+    adagn_(
+        grads, norm_ema, norm_sq_ema, gamma1, gamma2,
+        1.0 - gamma1**stat_step, 1.0 - gamma2**stat_step, eps,
+    )
+    torch._foreach_copy_(max_emas, list(max_ema.unbind(0)))
+    torch._foreach_copy_(norm_emas, list(norm_ema.unbind(0)))
+    torch._foreach_copy_(norm_sq_emas, list(norm_sq_ema.unbind(0)))
+    if reset and not official:
+        torch._foreach_zero_(exp_avgs)
+        torch._foreach_zero_(exp_avg_sqs)
+    adam_update_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, adam_step)
+    if reset and official:
+        torch._foreach_zero_(exp_avgs)
+        torch._foreach_zero_(exp_avg_sqs)
+
+
+class StableSPAM(torch.optim.Optimizer):
+    """Adam with AdaClip, AdaGN and momentum reset (MoRet); see the module docstring for `mode`.
+
+    `reset_interval` is the paper's Delta T (official `update_proj_gap`, 0 = never); `total_steps` the
+    official `total_T` (cosine decay of beta1 and gamma1 to `eta_min`, None = no decay);
+    `gamma1=-1` means "use beta1". `fp32_moments=True` keeps Adam's moments in fp32 for bf16
+    parameters (default: parameter dtype, like torch.optim.Adam and the official code).
+    `compile=True` runs each bucket's step through `torch.compile`.
+    step() overwrites `.grad` with the stabilized gradient (the official code does too).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        gamma1: float = 0.7,
+        gamma2: float = 0.9,
+        gamma3: float = 0.999,
+        reset_interval: int = 1000,
+        total_steps: int | None = None,
+        eta_min: float = 0.5,
+        mode: str = "official",
+        fp32_moments: bool = False,
+        compile: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"StableSPAM mode must be one of {MODES}, got {mode!r}")
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be non-negative")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if reset_interval < 0:
+            raise ValueError(f"reset_interval must be >= 0 (0 = never), got {reset_interval}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            gamma1=betas[0] if gamma1 == -1 else gamma1, gamma2=gamma2, gamma3=gamma3,
+            reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min, mode=mode,
+            fp32_moments=fp32_moments, global_step=0,
+        )
+        super().__init__(params, defaults)
+        self._bucket_step: Callable[..., None] = (
+            torch.compile(_stable_spam_bucket) if compile else _stable_spam_bucket
+        )
+
+    def _init_state(self, p: torch.Tensor, fp32_moments: bool) -> dict[str, Any]:
+        state = self.state[p]
+        moment_dtype = torch.float32 if fp32_moments else p.dtype
+        state["step"] = 0
+        state["stat_step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        for key in _STAT_KEYS:
+            state[key] = torch.zeros((), dtype=stat_dtype(p.dtype), device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        group["global_step"] += 1
+        t = group["global_step"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        refuse_sharded(params, "StableSPAM")
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("StableSPAM does not support sparse gradients")
+        official = group["mode"] == "official"
+        scale = momentum_scale(t, group["total_steps"], group["eta_min"], clamp=not official)
+        beta1, beta2 = group["betas"]
+        interval = group["reset_interval"]
+        reset = interval > 0 and t % interval == 0
+
+        buckets: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            state = self.state[p] or self._init_state(p, group["fp32_moments"])
+            if official:
+                stat_step = state["step"] + 1
+                adam_step = 1 if reset else stat_step
+            else:
+                stat_step = state["stat_step"] + 1
+                adam_step = 1 if reset else state["step"] + 1
+            state["stat_step"], state["step"] = stat_step, adam_step
+            buckets[(p.device, p.dtype, state["exp_avg"].dtype, stat_step, adam_step)].append(p)
+
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+        for (_, _, _, stat_step, adam_step), bucket in buckets.items():
+            states = [self.state[p] for p in bucket]
+            self._bucket_step(
+                bucket,
+                [p.grad for p in bucket],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["max_ema"] for s in states],
+                [s["norm_ema"] for s in states],
+                [s["norm_sq_ema"] for s in states],
+                lr=group["lr"],
+                beta1=beta1 * scale,
+                beta2=beta2,
+                eps=group["eps"],
+                gamma1=group["gamma1"] * scale,
+                gamma2=group["gamma2"],
+                gamma3=group["gamma3"],
+                stat_step=stat_step,
+                adam_step=adam_step,
+                reset=reset,
+                official=official,
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)
