@@ -7,6 +7,13 @@ Parameters are pure bf16 (the papers' setting), hyperparameters are the paper's 
 and the LR follows the papers' schedule shape (linear warmup, cosine to 0.1x).
 
     PYTHONPATH=. python scripts/compare_stablespam_modes.py --steps 400 --reset-interval 100
+
+With `--runs DIR...` it trains nothing and summarizes finished train.py runs instead (real data,
+one run per mode/setting, see docs/optimizers.md): per run the validation curve, the final
+validation loss and perplexity, and the mean training loss over the last `--tail` steps (over the
+logged ones: train with trainer.log_every=1 to average every step).
+
+    PYTHONPATH=. python scripts/compare_stablespam_modes.py --runs /tmp/modes/int4_official /tmp/modes/int4_corrected
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,6 +77,25 @@ def train(mode: str, preset: str, batches: list[torch.Tensor], args: argparse.Na
     return losses
 
 
+def summarize_run(run_dir: Path, tail: int) -> dict[str, object]:
+    """Validation curve, final validation loss/perplexity and tail-mean training loss of a train.py run."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    train_losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    last_step = max(train_losses)
+    window = [loss for step, loss in train_losses.items() if step > last_step - tail]
+    final_step = max(val)
+    return {
+        "val_loss": {step: round(loss, 4) for step, loss in sorted(val.items())},
+        "val_ppl": {step: round(math.exp(loss), 2) for step, loss in sorted(val.items())},
+        "final_step": final_step,
+        "final_val_loss": round(val[final_step], 4),
+        "final_val_ppl": round(math.exp(val[final_step]), 2),
+        f"train_loss_mean_last_{tail}": round(sum(window) / len(window), 4),
+        "train_loss_records_in_window": len(window),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
@@ -80,7 +107,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--presets", nargs="+", default=["4bit", "bf16"], choices=sorted(PRESETS))
     parser.add_argument("--every", type=int, default=20, help="curve resolution (mean loss per window)")
+    parser.add_argument("--runs", type=Path, nargs="+", help="summarize these train.py run dirs instead of training")
+    parser.add_argument("--tail", type=int, default=50, help="with --runs: steps in the training-loss mean")
     args = parser.parse_args()
+    if args.runs:
+        print(json.dumps({str(d): summarize_run(d, args.tail) for d in args.runs}, indent=1))
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result: dict[str, object] = {"data": "synthetic Markov chain (512 tokens, 8 successors each)",
                                  "params": "bf16", "steps": args.steps, "reset_interval": args.reset_interval,
