@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from collections.abc import Callable
 
+from pathlib import Path
+
 import torch
 
-from stablespam import SPAM, AdaClip, AdaGN, Adafactor, AdamMini, Lion, Stabilized, StableSPAM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stablespam import SPAM, AdaClip, AdaGN, Adafactor, AdamMini, Lion, Stabilized, StableSPAM  # noqa: E402
 
 # (hidden, intermediate, layers, heads), vocab 32000, untied head: paper Table 5.
 SIZES = {"60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 24, 16),

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from models import ModelConfig, build_model
-from stablespam import StableSPAM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import ModelConfig, build_model  # noqa: E402
+from stablespam import StableSPAM  # noqa: E402
 
 PRESETS = {"4bit": dict(gamma1=0.7, gamma2=0.9, gamma3=0.999), "bf16": dict(gamma1=0.85, gamma2=0.99999, gamma3=0.999)}
 
