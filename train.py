@@ -28,7 +28,7 @@ from trainer.checkpoint import CheckpointManager
 from trainer.config import check_run_config, register_configs
 from trainer.metrics import device_peak_flops, peak_memory_gib
 from trainer.reporting import Reporter, resolve_wandb_mode
-from trainer.runtime import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, resolve_run_dir
+from trainer.runtime import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, finish, resolve_run_dir
 from trainer.schedule import build_scheduler
 
 register_configs()
@@ -213,7 +213,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 (run_dir / PREEMPTED_MARKER).write_text(f"{path}\n")
             reporter.info(f"preemption signal received: saved {path}; run the same command to resume")
             reporter.close()
-            accelerator.end_training()
+            finish(accelerator)
             sys.exit(PREEMPTED_EXIT_CODE)
 
     reporter.close()
@@ -223,7 +223,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "val_loss" in results:
         start = f" (from {math.exp(results['initial_val_loss']):.2f} at step 0)" if "initial_val_loss" in results else ""
         reporter.info(f"done: {step} steps, validation perplexity {math.exp(results['val_loss']):.2f}{start} | {run_dir}")
-    accelerator.end_training()
+    finish(accelerator)
     return results
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,8 +34,23 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run in a new session so that a timeout kills the launcher's workers too, leaving no orphan."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**environment(), **extra_env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -99,8 +115,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # accelerate's `--cpu` launcher starts a single process; `--multi_gpu` starts torchrun workers,
     # which use gloo on CPU (trainer.cpu=true).
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-    double = run(launcher + command(tmp_path / "double", *overrides)[1:] + ["trainer.global_batch_size=4"])
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    double = run(launcher + command(tmp_path / "double", *overrides)[1:] + ["trainer.global_batch_size=4"],
+                 timeout=180, GLOO_SOCKET_IFNAME="lo")
     assert double.returncode == 0, double.stderr
     assert "2 process(es)" in double.stdout
     one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")

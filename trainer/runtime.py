@@ -57,3 +57,16 @@ class PreemptionFlag:
         if self.accelerator.num_processes > 1:
             local = self.accelerator.reduce(local, reduction="sum")
         return bool(local.item() > 0)
+
+
+def finish(accelerator: Accelerator) -> None:
+    """Close trackers and the process group without the gloo teardown deadlock.
+
+    After the last barrier, gloo's worker thread still has to drop the barrier's tensors, which needs
+    the GIL; if the main thread meanwhile frees the process group (its destructor joins that thread
+    while holding the GIL) the rank hangs forever. Sleeping releases the GIL so the worker can finish.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(0.2)
+    accelerator.end_training()
