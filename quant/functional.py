@@ -223,16 +223,20 @@ def _quantize_int(groups, spec, noise, valid):
     return (q - zero_point) * scale, (shifted >= 0) & (shifted <= umax)
 
 
-def _quantize_fp4(groups, spec, noise, valid):
-    absmax, outliers = _group_absmax(groups, spec.outlier_topk)
-    scale = (absmax / E2M1_MAX).clamp_min(_TINY)
-    y = groups / scale
+def _e2m1_with_outliers(groups, y, scale, outliers, noise):
+    """Round the scaled groups `y` to E2M1 and unscale; outlier entries pass through unquantized."""
     q = round_to_e2m1(y, noise) * scale
     in_range = y.abs() <= E2M1_MAX
     if outliers is not None:
         q = torch.where(outliers, groups, q)
         in_range = in_range | outliers
     return q, in_range
+
+
+def _quantize_fp4(groups, spec, noise, valid):
+    absmax, outliers = _group_absmax(groups, spec.outlier_topk)
+    scale = (absmax / E2M1_MAX).clamp_min(_TINY)
+    return _e2m1_with_outliers(groups, groups / scale, scale, outliers, noise)
 
 
 def mx_scale(absmax: torch.Tensor) -> torch.Tensor:
@@ -244,13 +248,7 @@ def mx_scale(absmax: torch.Tensor) -> torch.Tensor:
 def _quantize_mxfp4(groups, spec, noise, valid):
     absmax, outliers = _group_absmax(groups, spec.outlier_topk)
     scale = mx_scale(absmax)
-    y = groups / scale
-    q = round_to_e2m1(y, noise) * scale
-    in_range = y.abs() <= E2M1_MAX
-    if outliers is not None:
-        q = torch.where(outliers, groups, q)
-        in_range = in_range | outliers
-    return q, in_range
+    return _e2m1_with_outliers(groups, groups / scale, scale, outliers, noise)
 
 
 def nvfp4_scales(groups: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,12 +264,7 @@ def _quantize_nvfp4(groups, spec, noise, valid):
     tensor_scale, block_scale = nvfp4_scales(groups, absmax)
     scale = block_scale * tensor_scale
     y = torch.where(scale > 0, groups / scale, torch.zeros_like(groups))
-    q = round_to_e2m1(y, noise) * scale
-    in_range = y.abs() <= E2M1_MAX
-    if outliers is not None:
-        q = torch.where(outliers, groups, q)
-        in_range = in_range | outliers
-    return q, in_range
+    return _e2m1_with_outliers(groups, y, scale, outliers, noise)
 
 
 def _quantize_int4_official(groups, spec, noise, valid):
