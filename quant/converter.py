@@ -101,7 +101,20 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-class NoQuantConverter:
+class _WithoutRoundingState:
+    """Converters that draw no random numbers: nothing to seed or checkpoint."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def seed(self, seed: int, rank: int = 0) -> None:
+        return None
+
+
+class NoQuantConverter(_WithoutRoundingState):
     """quant=none: converts nothing."""
 
     def __init__(self, cfg: QuantConfig) -> None:
@@ -112,15 +125,6 @@ class NoQuantConverter:
 
     def describe(self) -> str:
         return "none: all linears in high precision"
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-    def seed(self, seed: int, rank: int = 0) -> None:
-        return None
 
 
 class FakeQuantConverter:
@@ -170,7 +174,7 @@ class FakeQuantConverter:
         self.streams.seed(seed, rank)
 
 
-class Float8Converter:
+class Float8Converter(_WithoutRoundingState):
     """Real FP8 GEMMs via torchao `convert_to_float8_training` (needs FP8 tensor cores)."""
 
     def __init__(self, cfg: QuantConfig) -> None:
@@ -201,15 +205,6 @@ class Float8Converter:
         return (
             f"fp8 torchao {self.cfg.fp8_recipe} on {len(self.converted)}/{self.total_linears} linears"
         )
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-    def seed(self, seed: int, rank: int = 0) -> None:
-        return None
 
 
 class Fp8UnavailableError(QuantConfigError):
