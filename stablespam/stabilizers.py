@@ -124,8 +124,8 @@ class Stabilized(torch.optim.Optimizer):
         for p in params:
             state = self._stats(p)
             state["stat_step"] += 1
-            buckets[(p.device, state["stat_step"])].append(p)
-        for (_, k), bucket in buckets.items():
+            buckets[(p.device, p.dtype, state["stat_step"])].append(p)
+        for (_, _, k), bucket in buckets.items():
             grads = [p.grad for p in bucket]
             states = [self.state[p] for p in bucket]
             for transform in self.transforms:

@@ -51,8 +51,13 @@ def adam_update_(
     beta2: float,
     eps: float,
     step: int,
+    workspace: list[torch.Tensor] | None = None,
 ) -> None:
-    """One Adam update with bias corrections at `step`, op for op as torch.optim.Adam(foreach=True)."""
+    """One Adam update with bias corrections at `step`, op for op as torch.optim.Adam(foreach=True).
+
+    `workspace` (tensors shaped and typed like `exp_avg_sqs`, overwritten) holds the denominator
+    instead of a fresh allocation, which on CPU costs more than computing it.
+    """
     if grads[0].dtype != exp_avgs[0].dtype:
         grads = [g.to(exp_avgs[0].dtype) for g in grads]
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -60,7 +65,12 @@ def adam_update_(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if workspace is None:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        denom = workspace
+        for root, exp_avg_sq in zip(denom, exp_avg_sqs):
+            torch.sqrt(exp_avg_sq, out=root)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     step_size = -(lr / bias_correction1)
@@ -95,7 +105,8 @@ def _stable_spam_bucket(
     max_ema = torch.stack(max_emas)
     norm_ema = torch.stack(norm_emas)
     norm_sq_ema = torch.stack(norm_sq_emas)
-    adaclip_(grads, max_ema, gamma3, 1.0 - gamma3**stat_step)
+    workspace = [torch.empty_like(g) for g in grads]
+    adaclip_(grads, max_ema, gamma3, 1.0 - gamma3**stat_step, workspace)
     adagn_(
         grads, norm_ema, norm_sq_ema, gamma1, gamma2,
         1.0 - gamma1**stat_step, 1.0 - gamma2**stat_step, eps,
@@ -106,7 +117,9 @@ def _stable_spam_bucket(
     if reset and not official:
         torch._foreach_zero_(exp_avgs)
         torch._foreach_zero_(exp_avg_sqs)
-    adam_update_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, adam_step)
+    reusable = workspace[0].dtype == exp_avg_sqs[0].dtype
+    adam_update_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, adam_step,
+                 workspace if reusable else None)
     if reset and official:
         torch._foreach_zero_(exp_avgs)
         torch._foreach_zero_(exp_avg_sqs)

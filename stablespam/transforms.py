@@ -1,9 +1,16 @@
 """Gradient transforms of Stable-SPAM (AdaClip, AdaGN) and SPAM (SpikeClip), as multi-tensor functions.
 
-Each function rewrites a list of gradients in place with `torch._foreach_*` ops and per-tensor
-`torch.where`, never reading a tensor value on the host, so a step costs no device->host sync. The
-per-tensor running statistics are 1-D vectors (one entry per tensor) in fp32, or fp64 for fp64
-gradients, never in bf16/fp16: EMAs with (1 - gamma) = 1e-3 stall in bf16 (reference quirk 4).
+Each function rewrites a list of gradients in place and never reads a tensor value on the host, so
+a step costs no device->host sync. The per-tensor running statistics are 1-D vectors (one entry per
+tensor) in fp32, or fp64 for fp64 gradients, never in bf16/fp16: EMAs with (1 - gamma) = 1e-3 stall
+in bf16 (reference quirk 4).
+
+AdaClip is written for memory traffic, which is what an optimizer step costs on CPU: the clip
+factor is built in one float scratch tensor per gradient with in-place float ops (|g|, |g| <= thr,
+then keep * (1 - r) + r, which is exactly 1 or exactly r), because bool masks, `torch.where` and
+`linalg.vector_norm(inf)` each run several times slower than a float elementwise op on CPU, and a
+fresh allocation per op costs more than the op itself (page faults). Callers that need a scratch
+tensor later in the step (StableSPAM's Adam denominator) pass it in and reuse it.
 
 `StableSPAM` calls these functions directly; `Stabilized` (stabilizers.py) calls them in front of any
 base optimizer, so both share one implementation of each mechanism.
@@ -30,19 +37,31 @@ def momentum_scale(step: int, total_steps: int | None, eta_min: float, clamp: bo
 
 
 def adaclip_(
-    grads: list[torch.Tensor], max_ema: torch.Tensor, gamma3: float, bias_correction: float
+    grads: list[torch.Tensor],
+    max_ema: torch.Tensor,
+    gamma3: float,
+    bias_correction: float,
+    workspace: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """AdaClip: rescale entries with |g| above the bias-corrected EMA of max |g| by threshold / max |g|.
 
     `max_ema` (fp32, one entry per tensor) is updated in place. Returns the thresholds. Entries are
-    multiplied by a factor < 1, so no |g| ever grows and signs are kept.
+    multiplied by a factor < 1, so no |g| ever grows and signs are kept. `grads` share one dtype.
+    `workspace`: tensors shaped and typed like `grads`, overwritten (allocated here when None).
     """
-    grad_max = torch.stack(torch._foreach_norm(grads, _INF, dtype=max_ema.dtype))
+    if workspace is None:
+        workspace = [torch.empty_like(g) for g in grads]
+    grad_max = torch.stack([torch.abs(g, out=magnitude).amax() for g, magnitude in zip(grads, workspace)])
+    grad_max = grad_max.to(max_ema.dtype)
     max_ema.mul_(gamma3).add_(grad_max, alpha=1.0 - gamma3)
     threshold = max_ema / bias_correction
-    ratio = threshold / grad_max
-    for grad, thr, r in zip(grads, threshold.unbind(0), ratio.unbind(0)):
-        grad.mul_(torch.where(grad.abs() > thr, r, 1.0))
+    # r = 1 where nothing is clipped, which also keeps all-zero gradients (max 0) finite.
+    ratio = torch.where(grad_max > threshold, threshold / grad_max, 1.0).to(grads[0].dtype)
+    # In the gradient's own dtype fl(r + fl(1 - r)) == 1, so the factor is exactly 1 or exactly r.
+    keep_scale = 1.0 - ratio
+    for factor, thr, r, k in zip(workspace, threshold.unbind(0), ratio.unbind(0), keep_scale.unbind(0)):
+        factor.le_(thr).mul_(k).add_(r)
+    torch._foreach_mul_(grads, workspace)
     return threshold
 
 

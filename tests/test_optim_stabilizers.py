@@ -57,6 +57,23 @@ def test_adaclip_never_increases_any_entry_and_keeps_signs():
             assert torch.equal(g[g0.abs() <= thr], g0[g0.abs() <= thr])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adaclip_scales_clipped_entries_by_exactly_threshold_over_max(dtype):
+    """The clip factor is exactly r = threshold / max |g| (not 1 + (r - 1), which loses r's digits
+    when r is small) and exactly 1 elsewhere; an all-zero gradient stays zero."""
+    before = [torch.tensor([3e7, -7.0, 0.5, -2e4, 1e3], dtype=dtype), torch.zeros(3, dtype=dtype)]
+    grads = [g.clone() for g in before]
+    max_ema = torch.tensor([5.0, 0.0])
+    thresholds = adaclip_(grads, max_ema, 0.999, 1.0)
+    assert torch.equal(grads[1], before[1])
+    thr = thresholds[0]
+    ratio = (thr / before[0].float().abs().max()).to(dtype)
+    assert 0 < ratio < 2e-3
+    expected = torch.where(before[0].abs() > thr, before[0] * ratio, before[0])
+    assert torch.equal(grads[0], expected)
+    assert torch.equal(grads[0][2:], before[0][2:]) and not torch.equal(grads[0][:2], before[0][:2])
+
+
 def test_adagn_output_norm_equals_its_target():
     gen = torch.Generator().manual_seed(3)
     norm_ema, norm_sq_ema = torch.zeros(2), torch.zeros(2)

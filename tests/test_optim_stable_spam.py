@@ -9,6 +9,7 @@ import torch
 from pytorch_optimizer import StableSPAM as PeerStableSPAM
 
 from stablespam import StableSPAM
+from stablespam.stable_spam import _stable_spam_bucket
 
 
 class ReferenceStableSPAM:
@@ -146,6 +147,20 @@ def test_corrected_matches_pytorch_optimizer():
         peer_opt.step()
         for a, b in zip(ours, peer):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_bucket_step_traces_as_one_graph(reset):
+    """`compile=True` only pays off if dynamo sees the whole bucket step without a graph break."""
+    params = [torch.randn(s) for s in SHAPES]
+    grads = [torch.randn(s) for s in SHAPES]
+    moments = [[torch.zeros(s) for s in SHAPES] for _ in range(2)]
+    stats = [[torch.zeros(()) for _ in SHAPES] for _ in range(3)]
+    explained = torch._dynamo.explain(_stable_spam_bucket)(
+        params, grads, *moments, *stats, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, gamma1=0.7,
+        gamma2=0.9, gamma3=0.999, stat_step=3, adam_step=1 if reset else 3, reset=reset, official=True,
+    )
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 @pytest.mark.slow
