@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,19 +41,39 @@ def stat_dtype(param_dtype: torch.dtype) -> torch.dtype:
 _STAT_KEYS = ("max_ema", "norm_ema", "norm_sq_ema")
 
 
+class StepScalars(NamedTuple):
+    """The numbers of one bucket's step that change from step to step.
+
+    Python floats in eager mode. Under `compile=True` they are 0-dim tensors on the parameters'
+    device: a float argument becomes a guard of the compiled graph, and the learning-rate schedule,
+    the beta1/gamma1 cosine and the bias corrections would fail it (and recompile) every step.
+    """
+
+    beta1: float | torch.Tensor
+    gamma1: float | torch.Tensor
+    clip_correction: float | torch.Tensor  # 1 - gamma3^k
+    norm_correction: float | torch.Tensor  # 1 - gamma1^k
+    norm_sq_correction: float | torch.Tensor  # 1 - gamma2^k
+    step_size: float | torch.Tensor  # -lr / (1 - beta1^k_adam)
+    bias_correction2_sqrt: float | torch.Tensor  # sqrt(1 - beta2^k_adam)
+
+    def to_tensors(self, device: torch.device, dtype: torch.dtype) -> StepScalars:
+        return StepScalars(*torch.tensor(self, dtype=dtype, device=device).unbind(0))
+
+
 def adam_update_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
-    lr: float,
-    beta1: float,
+    beta1: float | torch.Tensor,
     beta2: float,
     eps: float,
-    step: int,
+    step_size: float | torch.Tensor,
+    bias_correction2_sqrt: float | torch.Tensor,
     workspace: list[torch.Tensor] | None = None,
 ) -> None:
-    """One Adam update with bias corrections at `step`, op for op as torch.optim.Adam(foreach=True).
+    """One Adam update, op for op as torch.optim.Adam(foreach=True); `step_size` = -lr / (1 - beta1^k).
 
     `workspace` (tensors shaped and typed like `exp_avg_sqs`, overwritten) holds the denominator
     instead of a fresh allocation, which on CPU costs more than computing it.
@@ -63,8 +83,6 @@ def adam_update_(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
     if workspace is None:
         denom = torch._foreach_sqrt(exp_avg_sqs)
     else:
@@ -73,11 +91,13 @@ def adam_update_(
             torch.sqrt(exp_avg_sq, out=root)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
-    step_size = -(lr / bias_correction1)
+    if isinstance(step_size, torch.Tensor):  # addcdiv takes no device-tensor scale: fold it into denom
+        torch._foreach_div_(denom, step_size)
+        step_size = 1.0
     if params[0].dtype == exp_avgs[0].dtype:
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
     else:
-        torch._foreach_add_(params, torch._foreach_div(exp_avgs, denom), alpha=step_size)
+        torch._foreach_add_(params, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), step_size))
 
 
 def _stable_spam_bucket(
@@ -88,16 +108,12 @@ def _stable_spam_bucket(
     max_emas: list[torch.Tensor],
     norm_emas: list[torch.Tensor],
     norm_sq_emas: list[torch.Tensor],
+    scalars: StepScalars,
     *,
-    lr: float,
-    beta1: float,
     beta2: float,
     eps: float,
-    gamma1: float,
     gamma2: float,
     gamma3: float,
-    stat_step: int,
-    adam_step: int,
     reset: bool,
     official: bool,
 ) -> None:
@@ -106,11 +122,9 @@ def _stable_spam_bucket(
     norm_ema = torch.stack(norm_emas)
     norm_sq_ema = torch.stack(norm_sq_emas)
     workspace = [torch.empty_like(g) for g in grads]
-    adaclip_(grads, max_ema, gamma3, 1.0 - gamma3**stat_step, workspace)
-    adagn_(
-        grads, norm_ema, norm_sq_ema, gamma1, gamma2,
-        1.0 - gamma1**stat_step, 1.0 - gamma2**stat_step, eps,
-    )
+    adaclip_(grads, max_ema, gamma3, scalars.clip_correction, workspace)
+    adagn_(grads, norm_ema, norm_sq_ema, scalars.gamma1, gamma2, scalars.norm_correction,
+           scalars.norm_sq_correction, eps)
     torch._foreach_copy_(max_emas, list(max_ema.unbind(0)))
     torch._foreach_copy_(norm_emas, list(norm_ema.unbind(0)))
     torch._foreach_copy_(norm_sq_emas, list(norm_sq_ema.unbind(0)))
@@ -118,8 +132,8 @@ def _stable_spam_bucket(
         torch._foreach_zero_(exp_avgs)
         torch._foreach_zero_(exp_avg_sqs)
     reusable = workspace[0].dtype == exp_avg_sqs[0].dtype
-    adam_update_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, adam_step,
-                 workspace if reusable else None)
+    adam_update_(params, grads, exp_avgs, exp_avg_sqs, scalars.beta1, beta2, eps, scalars.step_size,
+                 scalars.bias_correction2_sqrt, workspace if reusable else None)
     if reset and official:
         torch._foreach_zero_(exp_avgs)
         torch._foreach_zero_(exp_avg_sqs)
@@ -168,6 +182,7 @@ class StableSPAM(torch.optim.Optimizer):
             fp32_moments=fp32_moments, global_step=0,
         )
         super().__init__(params, defaults)
+        self._compiled = compile
         self._bucket_step: Callable[..., None] = (
             torch.compile(_stable_spam_bucket) if compile else _stable_spam_bucket
         )
@@ -222,7 +237,20 @@ class StableSPAM(torch.optim.Optimizer):
 
         if group["weight_decay"] != 0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        for (_, _, _, stat_step, adam_step), bucket in buckets.items():
+        gamma1 = group["gamma1"] * scale
+        gamma2, gamma3 = group["gamma2"], group["gamma3"]
+        for (device, param_dtype, _, stat_step, adam_step), bucket in buckets.items():
+            scalars = StepScalars(
+                beta1=beta1 * scale,
+                gamma1=gamma1,
+                clip_correction=1.0 - gamma3**stat_step,
+                norm_correction=1.0 - gamma1**stat_step,
+                norm_sq_correction=1.0 - gamma2**stat_step,
+                step_size=-group["lr"] / (1.0 - (beta1 * scale) ** adam_step),
+                bias_correction2_sqrt=(1.0 - beta2**adam_step) ** 0.5,
+            )
+            if self._compiled:
+                scalars = scalars.to_tensors(device, stat_dtype(param_dtype))
             states = [self.state[p] for p in bucket]
             self._bucket_step(
                 bucket,
@@ -232,15 +260,11 @@ class StableSPAM(torch.optim.Optimizer):
                 [s["max_ema"] for s in states],
                 [s["norm_ema"] for s in states],
                 [s["norm_sq_ema"] for s in states],
-                lr=group["lr"],
-                beta1=beta1 * scale,
+                scalars,
                 beta2=beta2,
                 eps=group["eps"],
-                gamma1=group["gamma1"] * scale,
-                gamma2=group["gamma2"],
-                gamma3=group["gamma3"],
-                stat_step=stat_step,
-                adam_step=adam_step,
+                gamma2=gamma2,
+                gamma3=gamma3,
                 reset=reset,
                 official=official,
             )

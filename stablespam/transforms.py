@@ -40,7 +40,7 @@ def adaclip_(
     grads: list[torch.Tensor],
     max_ema: torch.Tensor,
     gamma3: float,
-    bias_correction: float,
+    bias_correction: float | torch.Tensor,
     workspace: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """AdaClip: rescale entries with |g| above the bias-corrected EMA of max |g| by threshold / max |g|.
@@ -53,7 +53,7 @@ def adaclip_(
         workspace = [torch.empty_like(g) for g in grads]
     grad_max = torch.stack([torch.abs(g, out=magnitude).amax() for g, magnitude in zip(grads, workspace)])
     grad_max = grad_max.to(max_ema.dtype)
-    max_ema.mul_(gamma3).add_(grad_max, alpha=1.0 - gamma3)
+    max_ema.lerp_(grad_max, 1.0 - gamma3)
     threshold = max_ema / bias_correction
     # r = 1 where nothing is clipped, which also keeps all-zero gradients (max 0) finite.
     ratio = torch.where(grad_max > threshold, threshold / grad_max, 1.0).to(grads[0].dtype)
@@ -69,10 +69,10 @@ def adagn_(
     grads: list[torch.Tensor],
     norm_ema: torch.Tensor,
     norm_sq_ema: torch.Tensor,
-    gamma1: float,
+    gamma1: float | torch.Tensor,
     gamma2: float,
-    bias_correction1: float,
-    bias_correction2: float,
+    bias_correction1: float | torch.Tensor,
+    bias_correction2: float | torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
     """AdaGN: rescale each tensor's gradient to norm m_hat / (sqrt(v_hat) + eps) of its norm EMAs.
@@ -81,8 +81,8 @@ def adagn_(
     (which stay zero), as in the official code. Returns the target norms.
     """
     norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_ema.dtype))
-    norm_ema.mul_(gamma1).add_(norms, alpha=1.0 - gamma1)
-    norm_sq_ema.mul_(gamma2).add_(norms * norms, alpha=1.0 - gamma2)
+    norm_ema.lerp_(norms, 1.0 - gamma1)
+    norm_sq_ema.lerp_(norms * norms, 1.0 - gamma2)
     target = (norm_ema / bias_correction1) / ((norm_sq_ema / bias_correction2).sqrt() + eps)
     factor = torch.where(norms > 0, target / norms, 1.0)
     torch._foreach_mul_(grads, list(factor.unbind(0)))

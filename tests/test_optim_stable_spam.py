@@ -9,7 +9,7 @@ import torch
 from pytorch_optimizer import StableSPAM as PeerStableSPAM
 
 from stablespam import StableSPAM
-from stablespam.stable_spam import _stable_spam_bucket
+from stablespam.stable_spam import StepScalars, _stable_spam_bucket
 
 
 class ReferenceStableSPAM:
@@ -151,19 +151,36 @@ def test_corrected_matches_pytorch_optimizer():
 
 @pytest.mark.parametrize("reset", [False, True])
 def test_bucket_step_traces_as_one_graph(reset):
-    """`compile=True` only pays off if dynamo sees the whole bucket step without a graph break."""
+    """`compile=True` only pays off if dynamo sees the whole bucket step, with the per-step numbers
+    as tensor inputs, without a graph break."""
     params = [torch.randn(s) for s in SHAPES]
     grads = [torch.randn(s) for s in SHAPES]
     moments = [[torch.zeros(s) for s in SHAPES] for _ in range(2)]
     stats = [[torch.zeros(()) for _ in SHAPES] for _ in range(3)]
+    scalars = StepScalars(0.9, 0.7, 0.003, 0.657, 0.271, -1e-2, 0.054).to_tensors(torch.device("cpu"),
+                                                                                   torch.float32)
     explained = torch._dynamo.explain(_stable_spam_bucket)(
-        params, grads, *moments, *stats, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, gamma1=0.7,
-        gamma2=0.9, gamma3=0.999, stat_step=3, adam_step=1 if reset else 3, reset=reset, official=True,
+        params, grads, *moments, *stats, scalars, beta2=0.999, eps=1e-8, gamma2=0.9, gamma3=0.999,
+        reset=reset, official=True,
     )
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.slow
+def test_compiled_step_does_not_recompile_as_the_schedule_moves():
+    """lr, the cosine and the bias corrections change every step; they must not be graph guards."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = StableSPAM(params, lr=1e-2, reset_interval=3, total_steps=8, compile=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (t + 1))
+    for grads in _grad_stream(SHAPES, 7, seed=4):
+        for p, g in zip(params, grads):
+            p.grad = g.float()
+        opt.step()
+        schedule.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # without a reset, with one
+
+
 def test_compiled_step_matches_eager():
     gen = torch.Generator().manual_seed(9)
     init = [torch.randn(s, generator=gen) for s in SHAPES]
