@@ -92,8 +92,10 @@ def adagn_(
 def spike_clip_(grads: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], threshold: float) -> None:
     """SPAM's spike clipping: where g^2 > threshold * v, set g = sign(g) * sqrt(threshold * v).
 
-    `v` is the optimizer's (uncorrected) second moment before this step's update.
+    `v` is the optimizer's (uncorrected) second moment before this step's update. That is a clamp of
+    g to [-sqrt(threshold * v), sqrt(threshold * v)], done in place with one scratch tensor.
     """
     for grad, v in zip(grads, exp_avg_sqs):
-        limit = v * threshold
-        grad.copy_(torch.where(grad * grad > limit, grad.sign() * limit.sqrt(), grad))
+        bound = (v * threshold).sqrt_()
+        torch.minimum(grad, bound, out=grad)
+        torch.maximum(grad, bound.neg_(), out=grad)
