@@ -21,6 +21,7 @@ import math
 
 import torch
 
+
 def momentum_scale(step: int, total_steps: int | None, eta_min: float, clamp: bool) -> float:
     """Stable-SPAM's cosine factor s(t) on beta1 and gamma1: 1 at t=0, eta_min at t=total_steps+1.
 
