@@ -1,5 +1,5 @@
-"""Helpers shared by the optimizers: state dtypes that survive `load_state_dict`, and the refusal
-of sharded (DTensor) parameters.
+"""Helpers shared by the optimizers: the closure call of `step()`, state dtypes that survive
+`load_state_dict`, and the refusal of sharded (DTensor) parameters.
 
 `torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point parameter to
 the parameter's dtype: a bf16 model would silently round its fp32 running statistics (and fp32
@@ -8,11 +8,19 @@ the saved tensors back with their own dtype.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
 import torch
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """`step(closure)`'s contract: re-evaluate the loss with gradients enabled, None without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:

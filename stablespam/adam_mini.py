@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from stablespam._state import refuse_sharded, restore_saved_dtypes
+from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
 
 _EMBED = ("embed", "embd", "wte")
 _OUTPUT = ("lm_head", "output", "final_layer")
@@ -78,10 +78,7 @@ class AdamMini(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]

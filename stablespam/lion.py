@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from stablespam._state import evaluate_closure
+
 
 class Lion(torch.optim.Optimizer):
     """p *= 1 - lr*wd; p -= lr * sign(beta1 m + (1-beta1) g); m = beta2 m + (1-beta2) g."""
@@ -22,10 +24,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from stablespam._state import restore_saved_dtypes
+from stablespam._state import evaluate_closure, restore_saved_dtypes
 from stablespam.transforms import spike_clip_
 
 
@@ -80,10 +80,7 @@ class SPAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group_index, group in enumerate(self.param_groups):
             group["global_step"] += 1
             self._step_group(group, group_index)

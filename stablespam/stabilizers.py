@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from stablespam._state import refuse_sharded, restore_saved_dtypes
+from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
 from stablespam.stable_spam import stat_dtype
 from stablespam.transforms import adaclip_, adagn_, spike_clip_
 
@@ -101,10 +101,7 @@ class Stabilized(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         reset = False
         for group in self.param_groups:
             group["stabilizer_step"] += 1

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from stablespam._state import refuse_sharded, restore_saved_dtypes
+from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
 from stablespam.transforms import adaclip_, adagn_, momentum_scale
 
 MODES = ("official", "corrected")
@@ -200,10 +200,7 @@ class StableSPAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             self._step_group(group)
         return loss
