@@ -216,7 +216,8 @@ class StableSPAM(torch.optim.Optimizer):
             raise RuntimeError("StableSPAM does not support sparse gradients")
         official = group["mode"] == "official"
         scale = momentum_scale(t, group["total_steps"], group["eta_min"], clamp=not official)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = group["betas"][0] * scale, group["betas"][1]  # beta1 and gamma1 follow the cosine
+        gamma1, gamma2, gamma3 = group["gamma1"] * scale, group["gamma2"], group["gamma3"]
         interval = group["reset_interval"]
         reset = interval > 0 and t % interval == 0
 
@@ -234,16 +235,14 @@ class StableSPAM(torch.optim.Optimizer):
 
         if group["weight_decay"] != 0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        gamma1 = group["gamma1"] * scale
-        gamma2, gamma3 = group["gamma2"], group["gamma3"]
         for (device, param_dtype, _, stat_step, adam_step), bucket in buckets.items():
             scalars = StepScalars(
-                beta1=beta1 * scale,
+                beta1=beta1,
                 gamma1=gamma1,
                 clip_correction=1.0 - gamma3**stat_step,
                 norm_correction=1.0 - gamma1**stat_step,
                 norm_sq_correction=1.0 - gamma2**stat_step,
-                step_size=-group["lr"] / (1.0 - (beta1 * scale) ** adam_step),
+                step_size=-group["lr"] / (1.0 - beta1**adam_step),
                 bias_correction2_sqrt=(1.0 - beta2**adam_step) ** 0.5,
             )
             if self._compiled:
