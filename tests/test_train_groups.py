@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,7 @@ OPTIMIZERS = sorted(p.stem for p in (ROOT / "configs" / "optimizer").glob("*.yam
 QUANTS = sorted(p.stem for p in (ROOT / "configs" / "quant").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")  # train() installs preemption handlers
 
 
 def short_run(run_dir: Path, *overrides: str) -> dict:
