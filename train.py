@@ -1,21 +1,22 @@
 """Pretrain a LLaMA model: `python train.py model=llama_130m optimizer=stable_spam quant=int4`.
 
 The loop reads top to bottom: build the pieces from the composed config, resume if a checkpoint
-exists, then for each optimizer step accumulate micro-batches, clip, step, log, evaluate and save.
-Everything else (config schemas, checkpoints, reporting, schedules) lives in `trainer/`.
+exists (the checkpoint supplies state, the config every setting), then for each optimizer step set
+the LR from the schedule, run `train_step`, and log, evaluate and save on their intervals. Config
+schemas, checkpoints, the step, reporting and schedules live in `trainer/`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
+import shutil
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
@@ -24,40 +25,29 @@ import data
 import models
 import quant
 import stablespam
-from trainer.checkpoint import CheckpointManager
-from trainer.config import check_run_config, register_configs
+from trainer import resume
+from trainer.checkpoint import CheckpointError, CheckpointManager, saved_config
+from trainer.config import ConfigError, check_run_config, register_configs
 from trainer.metrics import device_peak_flops, peak_memory_gib
-from trainer.reporting import Reporter, resolve_wandb_mode
+from trainer.reporting import METRICS_FILE, Reporter, resolve_wandb_mode
 from trainer.runtime import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, finish, resolve_run_dir
-from trainer.schedule import build_scheduler
+from trainer.schedule import WarmupDecay, set_learning_rates
+from trainer.step import NonFiniteLossError, RunningTotals, target_count, token_loss_sum, train_step
 
 register_configs()
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient and the policy says stop."""
-
-
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over target positions (labels != -100), in fp32.
-
-    No attention mask: padding (paper mode) is always on the right, so with causal attention no
-    real token ever attends to a pad token, and SDPA keeps its fast causal kernel.
-    The targets are shifted rather than the logits: slicing the (batch, seq, vocab) logits would make
-    autograd allocate and fill a full-size zero gradient for the dropped position.
-    """
-    logits = model(input_ids=batch["input_ids"]).logits
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-
-
-def target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != -100).sum()
+# The project's own errors: each stops a run with one `error: ...` line; anything else keeps its traceback.
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, data.DataError, quant.QuantConfigError,
+               quant.Fp8UnavailableError, stablespam.OptimizerConfigError)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
-    """True token-weighted mean loss over the fixed validation set, summed over all ranks."""
+    """True token-weighted mean loss over the fixed validation set, summed over all ranks.
+
+    In eval mode the quantized layers round to nearest, so evaluation never draws from the
+    stochastic-rounding streams and `eval_every` cannot change the training trajectory.
+    """
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for batch in batches:
@@ -67,6 +57,40 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], acc
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
     return (totals[0] / totals[1]).item()
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, checkpoints: CheckpointManager,
+                    accelerator: Accelerator) -> tuple[Path | None, list[tuple[str, Any, Any]]]:
+    """Pick the checkpoint to resume (None: a fresh run), check what changed, write the config files.
+
+    The first run's `config.yaml` is never overwritten; a resume with changed settings writes its
+    config beside it as `config.step_<N>.yaml`.
+    """
+    ckpt = cfg.checkpoint
+    if not ckpt.resume:
+        if checkpoints.complete_checkpoints() or checkpoints.set_aside():
+            if not ckpt.overwrite:
+                raise ConfigError(
+                    f"checkpoint.resume=false but {checkpoints.directory} holds checkpoints of an earlier run; "
+                    f"set checkpoint.overwrite=true to clear them, or use another run_dir"
+                )
+        if ckpt.overwrite:
+            checkpoints.clear()
+            if accelerator.is_main_process:
+                for stale in (*run_dir.glob("config.step_*.yaml"), run_dir / METRICS_FILE, run_dir / PREEMPTED_MARKER):
+                    stale.unlink(missing_ok=True)
+                shutil.rmtree(run_dir / "hf", ignore_errors=True)
+    resume_from = checkpoints.latest_intact() if ckpt.resume else None
+    changes: list[tuple[str, Any, Any]] = []
+    if resume_from is not None:
+        changes = resume.changed_settings(saved_config(resume_from), cfg)
+        resume.refuse_unhonourable(changes)
+    if accelerator.is_main_process:
+        if resume_from is None:
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        elif changes:
+            OmegaConf.save(cfg, run_dir / f"config.{resume_from.name}.yaml", resolve=True)
+    return resume_from, changes
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -81,31 +105,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
     rank, world = accelerator.process_index, accelerator.num_processes
     accum_steps = check_run_config(cfg, world)
     run_dir = resolve_run_dir(accelerator, cfg.run_dir, cfg.output_root)
-    reporter = Reporter(accelerator, run_dir, tcfg.max_steps, cfg.logging.progress)
-    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    resume_from = checkpoints.latest() if cfg.checkpoint.resume else None
-    if accelerator.is_main_process:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    reporter.info(OmegaConf.to_yaml(cfg, resolve=True))
 
-    # Model, quantization, optimizer, schedule: built identically on every rank from the seed.
+    def warn(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr)
+
+    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", cfg.checkpoint.keep_last, warn)
+    resume_from, changes = prepare_run_dir(cfg, run_dir, checkpoints, accelerator)
+
+    # Model, quantization, optimizer: built identically on every rank from the seed, on the device
+    # the run uses, so the optimizer sees its parameters where they live (fused AdamW on CUDA).
     set_seed(tcfg.seed)
     tokenizer = data.build_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces but model.vocab_size="
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} has {tokenizer.vocab_size} pieces but model.vocab_size="
             f"{cfg.model.vocab_size}; pick a model with a large enough vocabulary"
         )
     model = models.build_model(cfg.model, torch.bfloat16 if tcfg.precision == "pure_bf16" else torch.float32)
     converter = quant.build_converter(cfg.quant)
     converter.seed(tcfg.seed, rank)
-    model = converter.convert(model)
+    model = converter.convert(model).to(accelerator.device)
     optimizer = stablespam.build_optimizer(model, cfg.optimizer, total_steps=tcfg.max_steps)
-    scheduler = build_scheduler(optimizer, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    schedule = WarmupDecay.from_config(tcfg)
     if tcfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     train_loader = data.build_train_loader(
         cfg.data, tokenizer, rank=rank, world_size=world, micro_batch_size=tcfg.micro_batch_size
@@ -113,36 +139,58 @@ def train(cfg: DictConfig) -> dict[str, float]:
     val_batches = data.build_val_batches(cfg.data, tokenizer, rank=rank, world_size=world,
                                          micro_batch_size=tcfg.micro_batch_size)
 
-    step, tokens_seen, skipped_in_a_row, wandb_id = 0, 0, 0, None
-    if resume_from is not None:
-        state = checkpoints.load(resume_from)
-        step, tokens_seen, wandb_id = state["step"], state["tokens_seen"], state["wandb_id"]
+    # Everything a checkpoint holds besides the model, the optimizer and the RNG streams.
+    totals = RunningTotals(accelerator.device)
+    loop = {"step": 0, "skipped_steps": 0, "wandb_id": None}
+
+    def rank_state() -> dict[str, Any]:
+        return {"loop": dict(loop), "totals": totals.state_dict(), "data": train_loader.state_dict(),
+                "quant": converter.state_dict()}
+
+    def restore(state: dict[str, Any]) -> None:
+        loop.update(state["loop"])
+        totals.load_state_dict(state["totals"])
         train_loader.load_state_dict(state["data"])
         converter.load_state_dict(state["quant"])
-        reporter.info(f"resumed from {resume_from} at step {step}")
+
+    if resume_from is not None:
+        restore(checkpoints.load(resume_from, model, getattr(optimizer, "optimizer", optimizer),
+                                 stablespam.load_state_keeping_hyperparameters))
         if accelerator.is_main_process:
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    step = loop["step"]
+    reporter = Reporter(accelerator, run_dir, tcfg.max_steps, cfg.logging.progress, resumed_step=step)
     if wandb_mode != "disabled":
-        wandb_id = wandb_id or uuid.uuid4().hex[:8]
+        import wandb
+
+        loop["wandb_id"] = loop["wandb_id"] or uuid.uuid4().hex[:8]
         accelerator.init_trackers(
             cfg.logging.project,
             config=OmegaConf.to_container(cfg, resolve=True),
-            init_kwargs={"wandb": {"id": wandb_id, "resume": "allow", "mode": wandb_mode, "dir": str(run_dir),
-                                   "name": cfg.logging.run_name or run_dir.name}},
+            init_kwargs={"wandb": {"id": loop["wandb_id"], "resume": "allow", "mode": wandb_mode, "dir": str(run_dir),
+                                   "name": cfg.logging.run_name or run_dir.name,
+                                   "settings": wandb.Settings(silent=True, console="off")}},
         )
 
-    def save_checkpoint() -> Path:
-        return checkpoints.save(step, {"step": step, "tokens_seen": tokens_seen, "wandb_id": wandb_id,
-                                       "data": train_loader.state_dict(), "quant": converter.state_dict()})
-
     n_params = models.count_parameters(accelerator.unwrap_model(model))
-    tokens_per_step = tcfg.global_batch_size * cfg.data.seq_len
     flops_per_token = models.matmul_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak_flops = device_peak_flops(accelerator.device)
+    peak_flops = device_peak_flops(accelerator.device, tcfg.precision)
+    started_from = f"resumed from {resume_from.name} at step {step}" if resume_from else "new run"
+    reporter.info(f"run {run_dir} ({started_from}; full config in config.yaml)")
+    if changes:
+        reporter.info(resume.describe(changes))
     reporter.info(
-        f"run {run_dir} | {n_params / 1e6:.1f}M params | precision {tcfg.precision} | quant: {converter.describe()} | "
-        f"optimizer {cfg.optimizer.name} | {world} process(es) on {accelerator.device} | "
-        f"{tcfg.global_batch_size} seq/step = {tcfg.micro_batch_size} x {world} x {accum_steps} accumulation"
+        f"model {cfg.model.name} {n_params / 1e6:.1f}M params | precision {tcfg.precision}"
+        f"{' | compiled' if tcfg.compile else ''} | quant {converter.describe()}"
+    )
+    reporter.info(
+        f"optimizer {cfg.optimizer.name} lr {cfg.optimizer.lr} | {tcfg.lr_schedule} schedule, {tcfg.warmup_steps} warmup, "
+        f"{tcfg.max_steps} steps | clip {tcfg.grad_clip or 'off'}"
+    )
+    reporter.info(
+        f"data {cfg.data.name} seq {cfg.data.seq_len} {'packed' if cfg.data.packing else 'padded'} | "
+        f"{tcfg.global_batch_size} seq/step = {tcfg.micro_batch_size} x {world} process(es) x {accum_steps} "
+        f"accumulation | {accelerator.device}"
     )
     results: dict[str, float] = {}
     if tcfg.eval_at_start and step == 0:
@@ -152,54 +200,64 @@ def train(cfg: DictConfig) -> dict[str, float]:
         reporter.log(0, {"val_loss": results["initial_val_loss"], "val_ppl": math.exp(results["initial_val_loss"])},
                      console=False)
 
+    def stop_if_nonfinite() -> None:
+        bad = totals.nonfinite_step() if tcfg.nonfinite_policy == "stop" else None
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient norm at step {bad}; the last good checkpoint is "
+                f"{checkpoints.latest() or 'none (no checkpoint saved yet)'}. Lower optimizer.lr (a resume "
+                f"follows the new value), enable trainer.grad_clip, or set trainer.nonfinite_policy=skip"
+            )
+
+    def save_checkpoint() -> Path:
+        stop_if_nonfinite()
+        return checkpoints.save(step, model, optimizer, rank_state(), cfg)
+
     batches = iter(train_loader)
+    skipped_in_a_row, lr = 0, None
+    window_start, paused = time.perf_counter(), 0.0
     reporter.start(step)
     while step < tcfg.max_steps:
-        started = time.perf_counter()
-        micro_batches = [{k: v.to(accelerator.device) for k, v in next(batches).items()} for _ in range(accum_steps)]
-        global_targets = accelerator.reduce(sum(target_count(b) for b in micro_batches), reduction="sum")
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for i, batch in enumerate(micro_batches):
-            syncing = i == accum_steps - 1
-            with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
-                micro_loss = token_loss_sum(model, batch)
-                # DDP averages gradients over ranks, hence the world-size factor: the result is the
-                # gradient of the token mean over the whole global batch.
-                accelerator.backward(micro_loss * world / global_targets)
-            loss_sum += micro_loss.detach().double()
-        loss = (accelerator.reduce(loss_sum, reduction="sum") / global_targets).item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf).item()
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            scheduler.step()
-            skipped_in_a_row = 0
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        if not finite:
-            last = checkpoints.latest()
-            if tcfg.nonfinite_policy == "stop" or skipped_in_a_row + 1 > tcfg.max_consecutive_skips:
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
-                    f"the last good checkpoint is {last or 'none (no checkpoint saved yet)'}. "
-                    f"Lower optimizer.lr, enable trainer.grad_clip, or set trainer.nonfinite_policy=skip"
-                )
+        lr = set_learning_rates(optimizer, base_lrs, schedule(step))
+        micro_batches = [{k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+                         for _ in range(accum_steps)]
+        out = train_step(model, optimizer, micro_batches, accelerator, grad_clip=tcfg.grad_clip,
+                         skip_nonfinite=tcfg.nonfinite_policy == "skip")
+        if not out.stepped:
             skipped_in_a_row += 1
-            reporter.info(f"step {step}: non-finite loss/gradient, update skipped ({skipped_in_a_row} in a row)")
+            loop["skipped_steps"] += 1
+            reporter.log(step + 1, {"skipped_step": True, "skipped_steps": loop["skipped_steps"],
+                                    "loss": float(out.loss), "grad_norm": float(out.grad_norm)}, console=False)
+            reporter.info(f"step {step + 1}: non-finite loss/gradient, update skipped ({skipped_in_a_row} in a row)")
+            if skipped_in_a_row > tcfg.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"{skipped_in_a_row} non-finite steps in a row at step {step + 1} (trainer.max_consecutive_skips="
+                    f"{tcfg.max_consecutive_skips}); the last good checkpoint is {checkpoints.latest() or 'none'}"
+                )
+            continue
+        skipped_in_a_row = 0
+        step += 1
+        loop["step"] = step
+        totals.add(out, step)
 
-        elapsed = time.perf_counter() - started
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps or not finite:
-            tokens_per_s = tokens_per_step / elapsed
-            clipped = grad_norm * min(1.0, tcfg.grad_clip / (grad_norm + 1e-6)) if tcfg.grad_clip else grad_norm
+        logging_step = step % tcfg.log_every == 0 or step == tcfg.max_steps
+        if logging_step:
+            stop_if_nonfinite()
+            window = totals.read_window()
+            elapsed = time.perf_counter() - window_start - paused
+            tokens_per_s = window["window_tokens"] / elapsed if elapsed > 0 else None
+            grad_norm = window["grad_norm"]
             reporter.log(step, {
-                "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm, "grad_norm_clipped": clipped, "tokens_seen": tokens_seen,
-                "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops else None,
-                "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_step": not finite,
+                "loss": window["loss"], "ppl": math.exp(min(window["loss"], 50.0)), "lr": lr,
+                "grad_norm": grad_norm,
+                "grad_norm_clipped": min(grad_norm, tcfg.grad_clip) if tcfg.grad_clip else grad_norm,
+                "tokens_seen": window["tokens_seen"], "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops and tokens_per_s else None,
+                "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_steps": loop["skipped_steps"],
                 "data_skipped_lines": train_loader.skipped_lines,
             }, console=True)
+            window_start, paused = time.perf_counter(), 0.0
+        interrupted = time.perf_counter()
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
             val_loss = evaluate(model, val_batches, accelerator)
             results["val_loss"] = val_loss
@@ -207,7 +265,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             reporter.log(step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, console=False)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or step == tcfg.max_steps:
             save_checkpoint()
-        if preemption.any_rank_signalled():
+        if preemption.should_stop(syncing_step=logging_step):
             path = save_checkpoint()
             if accelerator.is_main_process:
                 (run_dir / PREEMPTED_MARKER).write_text(f"{path}\n")
@@ -215,10 +273,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             reporter.close()
             finish(accelerator)
             sys.exit(PREEMPTED_EXIT_CODE)
+        paused += time.perf_counter() - interrupted
 
     reporter.close()
     if cfg.checkpoint.export_hf and accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(run_dir / "hf")
+        data.export_tokenizer(tokenizer, run_dir / "hf")
     results["step"] = step
     if "val_loss" in results:
         start = f" (from {math.exp(results['initial_val_loss']):.2f} at step 0)" if "initial_val_loss" in results else ""
@@ -231,7 +291,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,6 +1,7 @@
 """Test-wide settings: no stray hub calls, deterministic CPU threads, offline wandb; shared fixtures."""
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -18,3 +19,25 @@ def keep_signal_handlers():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+TINY_OVERRIDES = [
+    "+experiment=quickstart", "trainer.cpu=true", "logging.wandb_mode=disabled", "logging.progress=lines",
+    "data.seq_len=32", "data.val_tokens=1024", "trainer.micro_batch_size=2", "trainer.global_batch_size=2",
+    "trainer.max_steps=6", "trainer.warmup_steps=1", "trainer.eval_at_start=false", "trainer.log_every=1",
+    "checkpoint.every=2", "checkpoint.export_hf=false",
+]
+
+
+@pytest.fixture
+def tiny_config():
+    """Compose the few-second in-process run: `tiny_config(run_dir, *overrides)`."""
+    from hydra import compose, initialize_config_dir
+
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+
+    def make(run_dir, *overrides: str):
+        with initialize_config_dir(config_dir=configs, version_base="1.3"):
+            return compose(config_name="config", overrides=[*TINY_OVERRIDES, f"run_dir={run_dir}", *overrides])
+
+    return make

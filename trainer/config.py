@@ -31,7 +31,8 @@ class TrainerConfig:
     compile: bool = False
     eval_every: int = 1000
     eval_at_start: bool = False
-    log_every: int = 1
+    log_every: int = 10
+    """Read metrics back from the device (one host sync) and log them every N steps."""
     seed: int = 42
     nonfinite_policy: str = "stop"
     """stop: end the run with a message (the last checkpoint stays) | skip: drop the step."""
@@ -46,7 +47,10 @@ class CheckpointConfig:
     """Save every N optimizer steps (0: only at the end and on preemption signals)."""
     keep_last: int = 2
     resume: bool = True
-    """Resume automatically from the newest complete checkpoint in the run directory."""
+    """Resume automatically from the newest intact checkpoint in the run directory."""
+    overwrite: bool = False
+    """With resume=false: clear the run directory's checkpoints, metrics and export first (without it
+    a run directory that holds checkpoints is refused, so an old run is never mixed with a new one)."""
     export_hf: bool = True
     """Write a `save_pretrained` export of the final model to <run_dir>/hf."""
 
@@ -112,6 +116,17 @@ def check_run_config(cfg: Any, world_size: int) -> int:
     if t.max_steps <= 0 or t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
         raise ConfigError(
             f"need 0 <= trainer.warmup_steps ({t.warmup_steps}) <= trainer.max_steps ({t.max_steps}) and max_steps > 0"
+        )
+    for key, value in (("trainer.log_every", t.log_every), ("trainer.eval_every", t.eval_every),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last)):
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be a positive number of steps")
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only at the end and on preemption)")
+    if t.grad_clip < 0 or t.max_consecutive_skips < 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(
+            f"need trainer.grad_clip >= 0 (got {t.grad_clip}), trainer.max_consecutive_skips >= 0 "
+            f"(got {t.max_consecutive_skips}) and 0 <= trainer.min_lr_ratio <= 1 (got {t.min_lr_ratio})"
         )
     per_step = t.micro_batch_size * world_size
     if t.micro_batch_size <= 0 or t.global_batch_size % per_step:

@@ -39,7 +39,13 @@ def resolve_run_dir(accelerator: Accelerator, run_dir: str | None, output_root: 
 
 
 class PreemptionFlag:
-    """Set by SIGTERM or SIGUSR1 (SLURM's pre-emption warnings); all ranks agree via an all-reduce."""
+    """Set by SIGTERM or SIGUSR1 (SLURM's pre-emption warnings).
+
+    One process reads its own flag every step (a Python bool, no device work). Several processes
+    must agree on the step they stop at, which takes a collective and a host read: they poll only
+    on steps that sync anyway (logging steps), so a pre-empted multi-process run reacts within
+    `trainer.log_every` steps.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -52,11 +58,13 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame: object) -> None:
         self.received = signum
 
-    def any_rank_signalled(self) -> bool:
+    def should_stop(self, syncing_step: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.received is not None
+        if not syncing_step:
+            return False
         local = torch.tensor([1.0 if self.received is not None else 0.0], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            local = self.accelerator.reduce(local, reduction="sum")
-        return bool(local.item() > 0)
+        return bool(self.accelerator.reduce(local, reduction="sum").item() > 0)
 
 
 def finish(accelerator: Accelerator) -> None:

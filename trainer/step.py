@@ -1,0 +1,147 @@
+"""One training step, shared by `train.py` and every benchmark script, and its device-side totals.
+
+`train_step` runs the micro-batches of one global batch (gradient all-reduce only on the last),
+measures the gradient norm (clipping only when asked), and steps the optimizer. It reads nothing
+back to the host unless the caller asks it to skip non-finite updates, so a step on a GPU queues
+its kernels and returns. `RunningTotals` accumulates what the loop logs (loss, real tokens, the
+first non-finite step) on the device; the loop reads it only on logging steps.
+
+A batch is `{"input_ids": (B, T), "targets": (B, T)}` with `targets[b, i]` the token that follows
+`input_ids[b, i]` and -100 where there is none, so only real next-token targets are counted.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient and the policy says stop."""
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the real targets, in fp32.
+
+    No attention mask: padding (paper mode) is always on the right, so with causal attention no
+    real token ever attends to a pad token, and SDPA keeps its fast causal kernel.
+    """
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["targets"] != IGNORE_INDEX).sum()
+
+
+@dataclass
+class StepOutput:
+    """Device tensors of one step: mean loss over the global batch, gradient norm before clipping,
+    global count of real target tokens, whether both loss and norm are finite; `stepped` is False
+    only for an update skipped under `skip_nonfinite`."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    targets: torch.Tensor
+    finite: torch.Tensor
+    stepped: bool = True
+
+
+def gradient_norm(model: torch.nn.Module, accelerator: Accelerator, grad_clip: float) -> torch.Tensor:
+    """Total L2 norm of the gradients before clipping; clips to `grad_clip` only when it is > 0."""
+    if grad_clip > 0:
+        return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, 2.0)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator, *,
+               grad_clip: float = 0.0, skip_nonfinite: bool = False) -> StepOutput:
+    """Forward/backward every micro-batch, then clip and step; see the module docstring.
+
+    The loss is normalised by the global number of target tokens, so 1 and N processes (and any
+    accumulation split) compute the same gradient. `skip_nonfinite=True` reads the finite flag on
+    the host (one sync) and skips the update when it is False.
+    """
+    world = accelerator.num_processes
+    global_targets = accelerator.reduce(sum(target_count(b) for b in micro_batches), reduction="sum")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        with contextlib.nullcontext() if i == last else accelerator.no_sync(model):
+            micro_loss = token_loss_sum(model, batch)
+            # DDP averages gradients over ranks, hence the world-size factor: the result is the
+            # gradient of the token mean over the whole global batch.
+            accelerator.backward(micro_loss * world / global_targets)
+        loss_sum += micro_loss.detach().double()
+    loss = accelerator.reduce(loss_sum, reduction="sum") / global_targets
+    grad_norm = gradient_norm(model, accelerator, grad_clip)
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    stepped = not skip_nonfinite or bool(finite)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss, grad_norm, global_targets, finite, stepped)
+
+
+class RunningTotals:
+    """What the loop logs, accumulated on the device between logging steps (no host sync).
+
+    The window (loss sum, steps, real tokens) and the run totals (tokens seen, first non-finite
+    step) are checkpointed, so a resumed run logs exactly what the uninterrupted one would.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.window_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.window_tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.tokens_seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, out: StepOutput, step: int) -> None:
+        """Account one step (`step`: its 1-based number); skipped updates still count their tokens."""
+        self.tokens_seen += out.targets
+        self.window_tokens += out.targets
+        self.last_grad_norm.copy_(out.grad_norm)
+        if out.stepped:
+            self.window_loss += out.loss
+            self.window_steps += 1
+        unseen = self.first_nonfinite_step < 0
+        self.first_nonfinite_step.copy_(torch.where(~out.finite & unseen, step, self.first_nonfinite_step))
+
+    def nonfinite_step(self) -> int | None:
+        """The first step with a non-finite loss or gradient norm (one host sync), or None."""
+        step = int(self.first_nonfinite_step)
+        return step if step >= 0 else None
+
+    def read_window(self) -> dict[str, float | int]:
+        """The window's mean loss, its real tokens and the totals, then start a new window (syncs)."""
+        steps = int(self.window_steps)
+        values = {
+            "loss": float(self.window_loss) / steps if steps else math.nan,
+            "window_tokens": int(self.window_tokens),
+            "tokens_seen": int(self.tokens_seen),
+            "grad_norm": float(self.last_grad_norm),
+        }
+        self.window_loss.zero_()
+        self.window_steps.zero_()
+        self.window_tokens.zero_()
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.cpu() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            getattr(self, key).copy_(value)
