@@ -86,6 +86,10 @@ def test_preempted_and_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_pa
     assert (preempted_dir / "checkpoints" / "step_00000001").is_dir()
     resumed = run(command(preempted_dir, *with_wandb))
     assert resumed.returncode == 0, resumed.stderr
+    lines = resumed.stdout.splitlines()
+    start_up = lines[: next(i for i, line in enumerate(lines) if line.startswith("step "))]
+    assert len(start_up) <= 8 and "trainer:" not in resumed.stdout, "a short summary, the full config is in the run dir"
+    assert "wandb" not in resumed.stdout + resumed.stderr, "wandb's console output is off"
     assert "resumed from" in resumed.stdout and not (preempted_dir / "PREEMPTED").exists()
     assert train_losses(preempted_dir) == expected
     wandb_runs = sorted((preempted_dir / "wandb").glob("offline-run-*"))
@@ -134,8 +138,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         (["data=c4", "model.vocab_size=32000"], "data=sample"),
         (["trainer.precision=fp16"], "trainer.precision='fp16'"),
         (["trainer.global_batch_size=5"], "multiple of"),
+        (["trainer.eval_every=0"], "trainer.eval_every=0"),
+        (["trainer.log_every=-1"], "trainer.log_every=-1"),
+        (["optimizer.lr=-0.001"], "optimizer.lr=-0.001"),
+        (["optimizer=spam", "optimizer.lr=-0.001"], "optimizer.lr=-0.001"),
+        (["data.tokenizer=data/sample/README.md"], "data.tokenizer"),
     ],
-    ids=["missing-data-dir", "hub-unreachable", "bad-precision", "bad-batch"],
+    ids=["missing-data-dir", "hub-unreachable", "bad-precision", "bad-batch", "eval-every-0", "log-every-negative",
+         "negative-lr", "negative-lr-spam", "garbage-tokenizer"],
 )
 def test_bad_inputs_fail_with_one_clear_message(tmp_path, overrides, message):
     result = run(command(tmp_path / "run", "trainer.max_steps=2", *overrides), timeout=120)
@@ -153,3 +163,23 @@ def test_unknown_config_values_are_rejected_by_hydra(tmp_path, overrides):
     assert "Traceback" not in result.stderr
     assert any(word in result.stderr for word in ("Could not find", "not in struct", "Key 'max_step'",
                                                    "Value 'many'")), result.stderr
+
+
+def test_unexpected_errors_keep_their_traceback(tiny_config, tmp_path, monkeypatch):
+    """Only the project's own error types become one line: a bug's ValueError is not hidden."""
+    import train
+
+    def broken(cfg):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(train, "train", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        train.run(tiny_config(tmp_path))
+
+    def user_error(cfg):
+        raise train.ConfigError("trainer.x=1 is wrong")
+
+    monkeypatch.setattr(train, "train", user_error)
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(tiny_config(tmp_path))
+    assert exit_info.value.code == 2
