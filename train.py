@@ -39,20 +39,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over target positions (labels != -100), in fp32.
+    """Summed next-token cross-entropy over target positions (targets != -100), in fp32.
 
     No attention mask: padding (paper mode) is always on the right, so with causal attention no
     real token ever attends to a pad token, and SDPA keeps its fast causal kernel.
-    The targets are shifted rather than the logits: slicing the (batch, seq, vocab) logits would make
-    autograd allocate and fill a full-size zero gradient for the dropped position.
+    The data already aligns targets[b, i] with input_ids[b, i], so no logit is sliced or dropped.
     """
     logits = model(input_ids=batch["input_ids"]).logits
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100, reduction="sum")
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != -100).sum()
+    return (batch["targets"] != -100).sum()
 
 
 @torch.no_grad()

@@ -99,10 +99,14 @@ def test_bundled_sample_corpus_is_c4_formatted_and_matches_its_readme():
 def test_sample_config_trains_and_validates(tokenizer):
     cfg = DataConfig()
     batch = next(build_train_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=4))
-    assert batch["input_ids"].shape == (4, 256) and batch["input_ids"].dtype == torch.long
-    assert int(batch["input_ids"].max()) < tokenizer.vocab_size
-    batches = build_val_batches(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=16)
-    assert sum(int((b["labels"] != -100).sum()) for b in batches) >= 40_000
+    assert batch["input_ids"].shape == batch["targets"].shape == (4, 256)
+    assert batch["input_ids"].dtype == batch["targets"].dtype == torch.long
+    assert int(batch["input_ids"].max()) < tokenizer.vocab_size and (batch["targets"] != -100).all()
+    budget = compose_data("sample").val_tokens
+    for packing in (True, False):  # sample.yaml's budget fits the held-out split in both modes
+        val_cfg = replace(cfg, packing=packing, val_tokens=budget)
+        batches = build_val_batches(val_cfg, tokenizer, rank=0, world_size=1, micro_batch_size=16)
+        assert sum(int((b["targets"] != -100).sum()) for b in batches) >= budget
 
 
 def compose_data(name: str, overrides: list[str] = (), config_dir: Path = REPO / "configs"):
