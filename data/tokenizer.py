@@ -28,7 +28,14 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, source: str):
         self.source = source
         self._model_proto = model_proto
-        self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        not_a_model = DataError(f"tokenizer file {source} is not a SentencePiece model; use a .model file "
+                                f"such as t5-base's spiece.model or data/sample/tokenizer/spiece.model")
+        try:
+            self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:  # sentencepiece's protobuf parse error, a C++ message of no use here
+            raise not_a_model from None
+        if self._processor.get_piece_size() == 0:  # an empty file parses as an empty model
+            raise not_a_model
         layout = (self._processor.pad_id(), self._processor.eos_id(), self._processor.unk_id(), self._processor.bos_id())
         if layout != (T5_PAD_ID, T5_EOS_ID, T5_UNK_ID, -1):
             raise DataError(
@@ -75,8 +82,16 @@ def build_tokenizer(cfg: Any) -> Tokenizer:
                 f"resolved against {REPO_ROOT}); point data.tokenizer at a SentencePiece .model file or "
                 f"a directory containing spiece.model (t5-base's, or data/sample/tokenizer)"
             )
-        return Tokenizer(model_file.read_bytes(), str(model_file))
-    return Tokenizer(Path(_download_spiece_model(value)).read_bytes(), f"{value}/spiece.model")
+        return _load(model_file.read_bytes(), str(model_file), value)
+    return _load(Path(_download_spiece_model(value)).read_bytes(), f"{value}/spiece.model", value)
+
+
+def _load(model_proto: bytes, source: str, value: str) -> Tokenizer:
+    """The Tokenizer, or its DataError prefixed with the config key to change."""
+    try:
+        return Tokenizer(model_proto, source)
+    except DataError as error:
+        raise DataError(f"data.tokenizer={value!r}: {error}") from None
 
 
 def _download_spiece_model(repo_id: str) -> str:
@@ -89,3 +104,4 @@ def _download_spiece_model(repo_id: str) -> str:
             remedy = f"download {repo_id}'s spiece.model and set data.tokenizer=/path/to/spiece.model"
             raise DataError(hub_unreachable_message(f"tokenizer {repo_id!r}", remedy)) from error
         raise DataError(f"could not fetch spiece.model from hub repo {repo_id!r}: {error}") from error
+

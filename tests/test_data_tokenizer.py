@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import random
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +69,23 @@ def test_tokenizer_sources(tmp_path, tokenizer):
         build_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.model")))
     with pytest.raises(DataError, match=r"tokenizer file .*spiece\.model not found"):
         build_tokenizer(DataConfig(tokenizer=str(tmp_path)))
+
+
+@pytest.mark.parametrize("content", [
+    random.Random(0).randbytes(4096),
+    ENGLISH.encode(),
+    b"",
+    (SAMPLE / "tokenizer" / "spiece.model").read_bytes()[:5000],  # a truncated download
+], ids=["random-bytes", "text", "empty", "truncated"])
+def test_a_file_that_is_no_sentencepiece_model_is_one_clear_error(tmp_path, content):
+    (tmp_path / "spiece.model").write_bytes(content)
+    for value in (str(tmp_path / "spiece.model"), str(tmp_path)):
+        with pytest.raises(DataError) as error:
+            build_tokenizer(DataConfig(tokenizer=value))
+        message = str(error.value)
+        assert message.startswith(f"data.tokenizer={value!r}: ")
+        assert f"tokenizer file {tmp_path / 'spiece.model'} is not a SentencePiece model" in message
+        assert "\n" not in message and error.value.__cause__ is None
 
 
 def test_tokenizer_with_another_id_layout_is_refused(tmp_path):
