@@ -4,7 +4,7 @@ See docs/data.md for the design (global row stream, packing vs. the papers' padd
 """
 from data.config import DataConfig, DataError, register_configs
 from data.stream import TrainLoader, build_train_loader
-from data.tokenizer import Tokenizer, build_tokenizer
+from data.tokenizer import Tokenizer, build_tokenizer, export_tokenizer
 from data.validation import build_val_batches
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "build_tokenizer",
     "build_train_loader",
     "build_val_batches",
+    "export_tokenizer",
     "register_configs",
 ]

@@ -6,16 +6,20 @@ seed and the batching mode, never by the number of processes:
   * each shard is cut into blocks of `shuffle_buffer` consecutive lines; the valid documents of a
     block are permuted by (seed, e, shard, block) (a block shuffle: exactly reproducible, unlike a
     streaming reservoir, and resumable from a line offset);
-  * packing: documents, each ending in EOS, are concatenated and cut into rows of `seq_len`
-    (leftovers carry into the next row, across blocks, shards and epochs); paper mode: one row per
-    document, truncated or padded with pad id 0.
+  * packing: documents, each ending in EOS, are concatenated into one token stream; row k is the
+    window stream[k*seq_len : k*seq_len + seq_len + 1] (leftovers carry into the next row, across
+    blocks, shards and epochs), so consecutive rows share one token and every token but the first
+    is a target exactly once; paper mode: one row per document, truncated or padded with pad id 0.
+A row becomes input_ids = window[:-1] and targets = window[1:] (-100 where the target is padding or
+past the row), so T = seq_len is the model's input length in both modes.
 With G = micro_batch_size * world_size, the k-th batch of rank r holds global rows
 [k*G + r*B, k*G + (r+1)*B). Every rank walks the whole document stream and keeps its own rows; in
 packing mode it must tokenize every document to know where rows end (SentencePiece encodes about
 7M tokens/s per core, small next to a training step), in paper mode it tokenizes only its own.
 
 Resume. The position at the end of a global batch (epoch, shard, block, document, token offset,
-row) is the same on every rank, so any rank's state resumes any rank. Resuming re-reads the
+row; in packing mode the first token of the next window, which is also the last of the previous
+one) is the same on every rank, so any rank's state resumes any rank. Resuming re-reads the
 current block's lines (raw lines of earlier blocks are skipped without parsing) and re-tokenizes
 only the one document the position points into. DataLoader workers each produce every W-th
 batch; `torchdata`'s StatefulDataLoader keeps one such state per worker and replays the same
@@ -74,21 +78,23 @@ class _Row:
     skipped_total: int
 
 
-def paper_row(tokens: list[int], seq_len: int, pad_id: int) -> tuple[list[int], int]:
-    """Truncate then right-pad to seq_len, keeping T5's final EOS as `tokenizer(...,
-    truncation=True, max_length=seq_len, padding="max_length")` does; returns (ids, real length)."""
+def paper_window(tokens: list[int], seq_len: int, pad_id: int) -> tuple[list[int], int]:
+    """The papers' row, truncated to seq_len keeping T5's final EOS as `tokenizer(...,
+    truncation=True, max_length=seq_len, padding="max_length")` does, right-padded to seq_len + 1
+    so that its targets are the row shifted left; returns (window, real length)."""
     if len(tokens) > seq_len:
         tokens = tokens[: seq_len - 1] + tokens[-1:]
-    return tokens + [pad_id] * (seq_len - len(tokens)), len(tokens)
+    return tokens + [pad_id] * (seq_len + 1 - len(tokens)), len(tokens)
 
 
-def rows_to_batch(rows: list[list[int]] | np.ndarray, real_lengths: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
-    """input_ids, and labels equal to them except -100 past each row's real length (padding)."""
-    input_ids = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    labels = input_ids.clone()
-    positions = torch.arange(input_ids.shape[1])
-    labels[positions[None, :] >= torch.as_tensor(np.asarray(real_lengths))[:, None]] = IGNORE_INDEX
-    return {"input_ids": input_ids, "labels": labels}
+def windows_to_batch(windows: list[list[int]] | np.ndarray, real_lengths: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
+    """input_ids = window[:-1] and targets = window[1:], with -100 where the target lies at or past
+    the window's real length (padding, or a row with nothing after its last real token)."""
+    windows = torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    input_ids, targets = windows[:, :-1].contiguous(), windows[:, 1:].clone()
+    target_positions = torch.arange(1, windows.shape[1])
+    targets[target_positions[None, :] >= torch.as_tensor(np.asarray(real_lengths))[:, None]] = IGNORE_INDEX
+    return {"input_ids": input_ids, "targets": targets}
 
 
 class RowStream:
@@ -174,10 +180,10 @@ class RowStream:
                     start.epoch, start.shard_pos, start.block, start.doc)
                 offset = start.token_offset if first and resumed else 0
                 first = False
-                while len(tokens) - offset >= self.seq_len - len(carry):
-                    end = offset + self.seq_len - len(carry)
+                while len(carry) + len(tokens) - offset > self.seq_len:
+                    end = offset + self.seq_len + 1 - len(carry)
                     row_tokens = carry + tokens[offset:end] if wanted(row) else None
-                    offset, carry = end, []
+                    offset, carry = end - 1, []  # the window's last token starts the next one
                     after = StreamPosition(document.epoch, document.shard_pos, document.block, document.doc,
                                            offset, row + 1, document.skipped_before_block)
                     yield _Row(row, row_tokens, after, document.skipped_total)
@@ -230,22 +236,23 @@ class TrainRows(IterableDataset):
         for row in self.stream.rows(self._position, wanted):
             if row.tokens is not None:
                 tokens, length = (
-                    (row.tokens, self.stream.seq_len) if self.stream.packing
-                    else paper_row(row.tokens, self.stream.seq_len, self.stream.tokenizer.pad_id)
+                    (row.tokens, len(row.tokens)) if self.stream.packing
+                    else paper_window(row.tokens, self.stream.seq_len, self.stream.tokenizer.pad_id)
                 )
                 rows.append(tokens)
                 lengths.append(length)
             finished_batch = row.position_after.row // size - 1
             if row.position_after.row % size == 0 and finished_batch % num_workers == worker:
                 self._position, self._skipped_lines = row.position_after, row.skipped_total
-                batch: dict[str, Any] = rows_to_batch(rows, lengths)
+                batch: dict[str, Any] = windows_to_batch(rows, lengths)
                 batch["skipped_lines"] = row.skipped_total
                 yield batch
                 rows, lengths = [], []
 
 
 class TrainLoader:
-    """An endless iterator of {"input_ids", "labels"} batches with exact `state_dict` resume.
+    """An endless iterator of {"input_ids", "targets"} batches (int64, [B, seq_len]; targets[b, i]
+    follows input_ids[b, i], -100 where none does) with exact `state_dict` resume.
 
     `skipped_lines` is the number of corrupt shard lines (invalid JSON or no `text`) met so far
     in the stream; the trainer logs it.

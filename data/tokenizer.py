@@ -6,6 +6,7 @@ silently builds a 104-entry vocabulary), and `t5-base`'s `spiece.model` is the s
 """
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from data.config import DataError, REPO_ROOT, resolve_repo_path
 from data.hub import hub_unreachable_message, is_connection_error
 
 T5_PAD_ID, T5_EOS_ID, T5_UNK_ID = 0, 1, 2
+EXPORT_PROBE = "Export check: the river city's 1,024 schools,\n\nand  two\tspaces. Ünïcödé ½ \u00a0"
 
 
 class Tokenizer:
@@ -28,7 +30,14 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, source: str):
         self.source = source
         self._model_proto = model_proto
-        self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        not_a_model = DataError(f"tokenizer file {source} is not a SentencePiece model; use a .model file "
+                                f"such as t5-base's spiece.model or data/sample/tokenizer/spiece.model")
+        try:
+            self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:  # sentencepiece's protobuf parse error, a C++ message of no use here
+            raise not_a_model from None
+        if self._processor.get_piece_size() == 0:  # an empty file parses as an empty model
+            raise not_a_model
         layout = (self._processor.pad_id(), self._processor.eos_id(), self._processor.unk_id(), self._processor.bos_id())
         if layout != (T5_PAD_ID, T5_EOS_ID, T5_UNK_ID, -1):
             raise DataError(
@@ -75,8 +84,16 @@ def build_tokenizer(cfg: Any) -> Tokenizer:
                 f"resolved against {REPO_ROOT}); point data.tokenizer at a SentencePiece .model file or "
                 f"a directory containing spiece.model (t5-base's, or data/sample/tokenizer)"
             )
-        return Tokenizer(model_file.read_bytes(), str(model_file))
-    return Tokenizer(Path(_download_spiece_model(value)).read_bytes(), f"{value}/spiece.model")
+        return _load(model_file.read_bytes(), str(model_file), value)
+    return _load(Path(_download_spiece_model(value)).read_bytes(), f"{value}/spiece.model", value)
+
+
+def _load(model_proto: bytes, source: str, value: str) -> Tokenizer:
+    """The Tokenizer, or its DataError prefixed with the config key to change."""
+    try:
+        return Tokenizer(model_proto, source)
+    except DataError as error:
+        raise DataError(f"data.tokenizer={value!r}: {error}") from None
 
 
 def _download_spiece_model(repo_id: str) -> str:
@@ -89,3 +106,28 @@ def _download_spiece_model(repo_id: str) -> str:
             remedy = f"download {repo_id}'s spiece.model and set data.tokenizer=/path/to/spiece.model"
             raise DataError(hub_unreachable_message(f"tokenizer {repo_id!r}", remedy)) from error
         raise DataError(f"could not fetch spiece.model from hub repo {repo_id!r}: {error}") from error
+
+
+def export_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
+    """Write `tokenizer` into `directory` (e.g. a `save_pretrained` export) so that
+    `transformers.AutoTokenizer.from_pretrained(directory)` works offline and encodes like
+    `tokenizer.encode`: pieces then EOS, pad 0, eos 1, unk 2, no BOS, no T5 sentinel ids.
+
+    Writes tokenizer.json (no sentencepiece or protobuf needed to load it), tokenizer_config.json
+    and spiece.model (so `data.tokenizer=<directory>` works too). The conversion runs in a fresh
+    directory: `from_pretrained` would otherwise prefer stale tokenizer files already in `directory`.
+    """
+    from transformers import T5TokenizerFast  # `T5Tokenizer` itself in transformers 5.x
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "spiece.model").write_bytes(tokenizer._model_proto)
+        converted = T5TokenizerFast.from_pretrained(scratch, extra_ids=0, legacy=False)
+    expected = tokenizer.encode([EXPORT_PROBE])[0]
+    got = converted(EXPORT_PROBE)["input_ids"]
+    if len(converted) != tokenizer.vocab_size or got != expected:
+        raise DataError(f"transformers converted tokenizer {tokenizer.source} into a different one ({len(converted)} "
+                        f"entries, probe ids {got[:8]}... instead of {tokenizer.vocab_size}, {expected[:8]}...)")
+    converted.save_pretrained(str(directory))
+    (directory / "spiece.model").write_bytes(tokenizer._model_proto)

@@ -1,7 +1,8 @@
 """Train stream and validation batches on tiny C4-format shards written by the tests.
 
-Expected values come from tokenizing each document on its own (and, for the papers' padding, from
-`transformers`' T5Tokenizer as the reference), never from the pipeline's own output.
+Expected values come from tokenizing each document on its own with sentencepiece (and, for the
+papers' padding, from `transformers`' T5Tokenizer and the model's own `labels=` loss as the
+references), never from the pipeline's own output.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
+import torch.nn.functional as F
 
 import data
 from data import DataConfig, DataError, build_tokenizer, build_train_loader, build_val_batches
@@ -48,6 +51,12 @@ def tokenizer() -> data.Tokenizer:
     return build_tokenizer(DataConfig())
 
 
+def reference_ids(texts: list[str]) -> list[list[int]]:
+    """Each document as sentencepiece encodes it, followed by EOS (id 1), as training sees it."""
+    processor = spm.SentencePieceProcessor(model_file=str(data.config.REPO_ROOT / "data/sample/tokenizer/spiece.model"))
+    return [ids + [1] for ids in processor.encode(texts)]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[list[str]], list[str]]:
     """Three train shards (documents per shard) and one validation shard."""
@@ -69,25 +78,39 @@ def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
     return [next(loader) for _ in range(n)]
 
 
-def global_batches(cfg: DataConfig, tokenizer, world_size: int, global_batch: int, steps: int) -> list[torch.Tensor]:
-    """Input ids of each global batch, assembled from every rank's micro-batch in rank order."""
+def global_batches(cfg: DataConfig, tokenizer, world_size: int, global_batch: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    """Each global batch, assembled from every rank's micro-batch in rank order."""
     micro = global_batch // world_size
     per_rank = [take(build_train_loader(cfg, tokenizer, rank=r, world_size=world_size, micro_batch_size=micro), steps)
                 for r in range(world_size)]
-    return [torch.cat([per_rank[r][k]["input_ids"] for r in range(world_size)]) for k in range(steps)]
+    return [{key: torch.cat([per_rank[r][k][key] for r in range(world_size)]) for key in ("input_ids", "targets")}
+            for k in range(steps)]
 
 
-def test_packing_loses_no_token_and_pads_nothing(corpus, tokenizer):
+def assert_same_batches(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y) == {"input_ids", "targets"}
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["targets"], y["targets"])
+
+
+@pytest.mark.parametrize("world_size,micro", [(1, 1), (2, 3)])
+def test_packed_targets_are_the_token_stream_minus_its_first_token(corpus, tokenizer, world_size, micro):
     root, shards, _ = corpus
     cfg = config(root, shuffle=False)
-    expected = [t for texts in shards for ids in tokenizer.encode(texts) for t in ids]
-    n_rows = len(expected) // cfg.seq_len + 3  # run past the end of the epoch
-    batches = take(build_train_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=1), n_rows)
-    stream = torch.cat([b["input_ids"][0] for b in batches]).tolist()
-    assert stream[: len(expected)] == expected
-    assert stream[len(expected):] == expected[: len(stream) - len(expected)]  # next epoch starts over
+    epoch = [t for texts in shards for ids in reference_ids(texts) for t in ids]
+    stream = epoch * 3
+    steps = len(epoch) // (cfg.seq_len * world_size * micro) + 2  # run past the end of the first epoch
+    batches = global_batches(cfg, tokenizer, world_size, world_size * micro, steps)
+    n_targets = steps * world_size * micro * cfg.seq_len
+    assert len(stream) > n_targets + 1 > len(epoch)
+    inputs = torch.cat([b["input_ids"] for b in batches]).flatten().tolist()
+    targets = torch.cat([b["targets"] for b in batches]).flatten().tolist()
+    assert targets == stream[1: n_targets + 1]  # every token but the first, each exactly once
+    assert inputs == stream[:n_targets]
     for b in batches:
-        assert torch.equal(b["labels"], b["input_ids"])
+        assert b["input_ids"].dtype == b["targets"].dtype == torch.int64
+        assert b["input_ids"].shape == b["targets"].shape == (world_size * micro, cfg.seq_len)
 
 
 def split_at_eos(tokens: list[int], eos: int) -> list[tuple[int, ...]]:
@@ -124,7 +147,7 @@ def test_each_epoch_reshuffles_the_documents_within_a_shard(tmp_path, tokenizer)
     loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=1)
     order = []
     for batch in take(loader, 40):
-        row = batch["input_ids"][0][batch["labels"][0] != -100].tolist()
+        row = batch["input_ids"][0][batch["input_ids"][0] != tokenizer.pad_id].tolist()
         order.append(document_ids[tuple(row)])
     first, second = order[:20], order[20:]
     assert sorted(first) == sorted(second) == list(range(20))
@@ -144,8 +167,9 @@ def test_paper_mode_truncates_and_pads_like_the_t5_tokenizer(tmp_path, tokenizer
     expected = reference(texts, truncation=True, max_length=12, padding="max_length")
     assert batch["input_ids"].tolist() == expected["input_ids"]
     mask = torch.tensor(expected["attention_mask"]).bool()
-    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
-    assert (batch["labels"][~mask] == -100).all() and (batch["input_ids"][~mask] == 0).all()
+    assert (batch["input_ids"][~mask] == 0).all()
+    labels = torch.tensor(expected["input_ids"]).masked_fill(~mask, -100)  # the official scripts' labels
+    assert torch.equal(batch["targets"], F.pad(labels[:, 1:], (0, 1), value=-100))
 
     encoded = tokenizer.encode(texts)  # the same semantics spelled out by hand
     long_row = encoded[1]
@@ -162,16 +186,34 @@ def test_global_batches_do_not_depend_on_world_size(corpus, tokenizer, packing):
     reference = global_batches(cfg, tokenizer, world_size=1, global_batch=6, steps=steps)
     for world_size in (2, 3):
         batches = global_batches(cfg, tokenizer, world_size=world_size, global_batch=6, steps=steps)
-        assert all(torch.equal(a, b) for a, b in zip(reference, batches))
-    assert not torch.equal(reference[0], reference[1])
+        assert_same_batches(reference, batches)
+    assert not torch.equal(reference[0]["input_ids"], reference[1]["input_ids"])
+
+
+def test_paper_mode_loss_equals_the_models_own_labels_loss(tmp_path, tokenizer):
+    """transformers' `labels=` loss (the official scripts') counts and weights the same targets."""
+    from models import ModelConfig, build_model
+
+    write_shard(tmp_path / "en" / "c4-train.00000-of-00001.json.gz", records(make_documents(6, seed=8, max_words=30)))
+    batch = next(build_train_loader(config(tmp_path, packing=False, shuffle=False, seq_len=24), tokenizer,
+                                    rank=0, world_size=1, micro_batch_size=6))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="t", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, vocab_size=tokenizer.vocab_size))
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tokenizer.pad_id, -100)
+    with torch.no_grad():
+        official = model(input_ids=batch["input_ids"], labels=labels).loss
+        logits = model(input_ids=batch["input_ids"]).logits
+    ours = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+    assert 0 < int((batch["targets"] != -100).sum()) < batch["targets"].numel()
+    torch.testing.assert_close(ours, official)
 
 
 def test_workers_produce_the_same_stream(corpus, tokenizer):
     root, _, _ = corpus
     serial = take(build_train_loader(config(root), tokenizer, rank=1, world_size=2, micro_batch_size=2), 9)
     workers = take(build_train_loader(config(root, num_workers=2), tokenizer, rank=1, world_size=2, micro_batch_size=2), 9)
-    for a, b in zip(serial, workers):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert_same_batches(serial, workers)
 
 
 @pytest.mark.parametrize("packing,num_workers", [(True, 0), (False, 0), (True, 2)])
@@ -185,9 +227,7 @@ def test_resume_yields_exactly_the_uninterrupted_batches(corpus, tokenizer, pack
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint round trip allows
         resumed = build_train_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=3)
         resumed.load_state_dict(state)
-        for expected, got in zip(uninterrupted[stop:], take(resumed, 14 - stop)):
-            assert torch.equal(expected["input_ids"], got["input_ids"])
-            assert torch.equal(expected["labels"], got["labels"])
+        assert_same_batches(uninterrupted[stop:], take(resumed, 14 - stop))
 
 
 def test_a_saved_state_resumes_any_rank_and_world_size(corpus, tokenizer):
@@ -198,10 +238,11 @@ def test_a_saved_state_resumes_any_rank_and_world_size(corpus, tokenizer):
         take(loader, 4)
     state = two_ranks[0].state_dict()
     assert state == two_ranks[1].state_dict()
-    expected = torch.cat([next(loader)["input_ids"] for loader in two_ranks])
+    parts = [next(loader) for loader in two_ranks]
+    expected = {key: torch.cat([part[key] for part in parts]) for key in ("input_ids", "targets")}
     single = build_train_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=4)
     single.load_state_dict(state)
-    assert torch.equal(next(single)["input_ids"], expected)
+    assert_same_batches([expected], [next(single)])
 
 
 def test_resume_rejects_changed_settings(corpus, tokenizer):
@@ -301,31 +342,35 @@ def test_hub_streaming_path_matches_local_shards(corpus, tokenizer, monkeypatch)
     assert hub_cfg.path is None
     hub_batches = take(build_train_loader(hub_cfg, tokenizer, rank=0, world_size=1, micro_batch_size=3), 8)
     local_batches = take(build_train_loader(config(root), tokenizer, rank=0, world_size=1, micro_batch_size=3), 8)
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(hub_batches, local_batches))
+    assert_same_batches(hub_batches, local_batches)
     hub_val = build_val_batches(hub_cfg, tokenizer, rank=0, world_size=1, micro_batch_size=4)
     local_val = build_val_batches(config(root), tokenizer, rank=0, world_size=1, micro_batch_size=4)
-    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(hub_val, local_val))
+    assert_same_batches(hub_val, local_val)
     assert calls[0] == ("allenai/c4", "en", "train", True) and calls[-1][2] == "validation"
 
 
-def target_rows(batches: list[dict[str, torch.Tensor]]) -> list[tuple[int, ...]]:
-    return [tuple(row.tolist()) for b in batches for row in b["labels"] if (row != -100).any()]
+def target_rows(batches: list[dict[str, torch.Tensor]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input ids, targets) of every row that has a target."""
+    return [(tuple(ids.tolist()), tuple(targets.tolist()))
+            for b in batches for ids, targets in zip(b["input_ids"], b["targets"]) if (targets != -100).any()]
 
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_validation_rows_do_not_depend_on_world_or_batch_size(corpus, tokenizer, packing):
     root, _, validation = corpus
     cfg = config(root, packing=packing)
-    encoded = tokenizer.encode(validation)
-    if packing:  # first ceil(300 / 16) = 19 rows of the file-order token stream
+    encoded = reference_ids(validation)
+    if packing:  # first ceil(300 / 16) = 19 windows of 17 tokens of the file-order token stream
         stream = [t for ids in encoded for t in ids]
-        expected_rows = [tuple(stream[i * 16:(i + 1) * 16]) for i in range(19)]
-    else:  # documents until 300 target tokens are reached
+        expected_rows = [(tuple(stream[i * 16:(i + 1) * 16]), tuple(stream[i * 16 + 1:(i + 1) * 16 + 1]))
+                         for i in range(19)]
+    else:  # documents until 300 target tokens (all but each row's first real token) are reached
         expected_rows, kept = [], 0
         for ids in encoded:
             ids = ids if len(ids) <= 16 else ids[:15] + [tokenizer.eos_id]
-            expected_rows.append(tuple(ids + [-100] * (16 - len(ids))))
-            kept += len(ids)
+            if len(ids) > 1:
+                expected_rows.append((tuple(ids + [0] * (16 - len(ids))), tuple(ids[1:] + [-100] * (17 - len(ids)))))
+            kept += len(ids) - 1
             if kept >= 300:
                 break
     for world_size in (1, 2, 3):
@@ -337,7 +382,7 @@ def test_validation_rows_do_not_depend_on_world_or_batch_size(corpus, tokenizer,
             assert Counter(rows) == Counter(expected_rows)
             for batches in per_rank:
                 for b in batches:
-                    padding_rows = (b["labels"] == -100).all(dim=1)
+                    padding_rows = (b["targets"] == -100).all(dim=1)
                     assert (b["input_ids"][padding_rows] == tokenizer.pad_id).all()
                     assert b["input_ids"].shape == (micro, 16)
 
@@ -346,6 +391,6 @@ def test_validation_with_a_small_split_uses_all_of_it(corpus, tokenizer, caplog)
     root, _, validation = corpus
     cfg = config(root, val_tokens=10**9)
     batches = build_val_batches(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=4)
-    total = sum(len(ids) for ids in tokenizer.encode(validation))
-    assert sum(int((b["labels"] != -100).sum()) for b in batches) == total // 16 * 16
+    total = sum(len(ids) for ids in reference_ids(validation))
+    assert sum(int((b["targets"] != -100).sum()) for b in batches) == (total - 1) // 16 * 16
     assert "validation split exhausted" in caplog.text

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import random
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +71,23 @@ def test_tokenizer_sources(tmp_path, tokenizer):
         build_tokenizer(DataConfig(tokenizer=str(tmp_path)))
 
 
+@pytest.mark.parametrize("content", [
+    random.Random(0).randbytes(4096),
+    ENGLISH.encode(),
+    b"",
+    (SAMPLE / "tokenizer" / "spiece.model").read_bytes()[:5000],  # a truncated download
+], ids=["random-bytes", "text", "empty", "truncated"])
+def test_a_file_that_is_no_sentencepiece_model_is_one_clear_error(tmp_path, content):
+    (tmp_path / "spiece.model").write_bytes(content)
+    for value in (str(tmp_path / "spiece.model"), str(tmp_path)):
+        with pytest.raises(DataError) as error:
+            build_tokenizer(DataConfig(tokenizer=value))
+        message = str(error.value)
+        assert message.startswith(f"data.tokenizer={value!r}: ")
+        assert f"tokenizer file {tmp_path / 'spiece.model'} is not a SentencePiece model" in message
+        assert "\n" not in message and error.value.__cause__ is None
+
+
 def test_tokenizer_with_another_id_layout_is_refused(tmp_path):
     sentences = [ENGLISH] * 50 + ["Another sentence about water and cities."] * 50
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=str(tmp_path / "llama"),
@@ -99,10 +117,14 @@ def test_bundled_sample_corpus_is_c4_formatted_and_matches_its_readme():
 def test_sample_config_trains_and_validates(tokenizer):
     cfg = DataConfig()
     batch = next(build_train_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=4))
-    assert batch["input_ids"].shape == (4, 256) and batch["input_ids"].dtype == torch.long
-    assert int(batch["input_ids"].max()) < tokenizer.vocab_size
-    batches = build_val_batches(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=16)
-    assert sum(int((b["labels"] != -100).sum()) for b in batches) >= 40_000
+    assert batch["input_ids"].shape == batch["targets"].shape == (4, 256)
+    assert batch["input_ids"].dtype == batch["targets"].dtype == torch.long
+    assert int(batch["input_ids"].max()) < tokenizer.vocab_size and (batch["targets"] != -100).all()
+    budget = compose_data("sample").val_tokens
+    for packing in (True, False):  # sample.yaml's budget fits the held-out split in both modes
+        val_cfg = replace(cfg, packing=packing, val_tokens=budget)
+        batches = build_val_batches(val_cfg, tokenizer, rank=0, world_size=1, micro_batch_size=16)
+        assert sum(int((b["targets"] != -100).sum()) for b in batches) >= budget
 
 
 def compose_data(name: str, overrides: list[str] = (), config_dir: Path = REPO / "configs"):
