@@ -1,8 +1,9 @@
 """Optimizer zoo: Stable-SPAM, SPAM and the papers' baselines, with composable stabilizers.
 
-`build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node;
-`register_configs(cs)` stores the typed schemas of that group.
+`build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node (invalid
+values raise `OptimizerConfigError`); `register_configs(cs)` stores the typed schemas of that group.
 """
+from stablespam._state import OptimizerConfigError
 from stablespam.adafactor import Adafactor
 from stablespam.adam_mini import AdamMini
 from stablespam.factory import (
@@ -15,6 +16,7 @@ from stablespam.factory import (
     StableSPAMConfig,
     build_optimizer,
     register_configs,
+    validate_config,
 )
 from stablespam.lion import Lion
 from stablespam.spam import SPAM
@@ -33,6 +35,7 @@ __all__ = [
     "Lion",
     "LionConfig",
     "MoRet",
+    "OptimizerConfigError",
     "SPAM",
     "SPAMConfig",
     "SpikeClip",
@@ -41,4 +44,5 @@ __all__ = [
     "StableSPAMConfig",
     "build_optimizer",
     "register_configs",
+    "validate_config",
 ]
