@@ -10,8 +10,10 @@ beta1 cosine (tested).
 
 MoRet resets the base's per-parameter state generically: every floating-point tensor is zeroed and a
 `step` counter is set to 0 (so the base's bias corrections restart at 1). Statistics of the
-transforms are fp32 (fp64 for fp64 parameters) and never reset, and their bias corrections use the
-wrapper's global step.
+transforms are fp32 (fp64 for fp64 parameters) and never reset. Each transform keeps its own
+per-tensor counter for their bias corrections, created at its first step, so a transform switched
+on when a run resumes starts its statistics afresh instead of bias-correcting zeros as if they held
+the whole run. The wrapper's step (MoRet's phase, SpikeClip's delay) is `group["stabilizer_step"]`.
 """
 from __future__ import annotations
 
@@ -61,6 +63,12 @@ class MoRet:
 
 Transform = AdaClip | AdaGN | SpikeClip
 
+# transforms with running statistics -> (their per-tensor counter, their statistics)
+_STATISTICS: dict[type, tuple[str, tuple[str, ...]]] = {
+    AdaClip: ("adaclip_step", ("max_ema",)),
+    AdaGN: ("adagn_step", ("norm_ema", "norm_sq_ema")),
+}
+
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Zero every floating-point state tensor of `optimizer` and set its `step` counters to 0."""
@@ -91,13 +99,22 @@ class Stabilized(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"Stabilized({self.base!r}, transforms={self.transforms}, moret={self.moret})"
 
-    def _stats(self, p: torch.Tensor) -> dict[str, Any]:
+    def _advance_counters(self, p: torch.Tensor) -> tuple[int | None, ...]:
+        """Each transform's step count for `p` after this step (None for SpikeClip, which has none)."""
         state = self.state[p]
-        if not state:
-            dtype = stat_dtype(p.dtype)
-            state.update(stat_step=0, **{k: torch.zeros((), dtype=dtype, device=p.device)
-                                         for k in ("max_ema", "norm_ema", "norm_sq_ema")})
-        return state
+        counts: list[int | None] = []
+        for transform in self.transforms:
+            if type(transform) not in _STATISTICS:
+                counts.append(None)
+                continue
+            counter, stats = _STATISTICS[type(transform)]
+            if counter not in state:
+                state[counter] = 0
+                for key in stats:
+                    state[key] = torch.zeros((), dtype=stat_dtype(p.dtype), device=p.device)
+            state[counter] += 1
+            counts.append(state[counter])
+        return tuple(counts)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -119,13 +136,11 @@ class Stabilized(torch.optim.Optimizer):
     def _transform_group(self, params: list[torch.Tensor], t: int) -> None:
         buckets: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            state = self._stats(p)
-            state["stat_step"] += 1
-            buckets[(p.device, p.dtype, state["stat_step"])].append(p)
-        for (_, _, k), bucket in buckets.items():
+            buckets[(p.device, p.dtype, self._advance_counters(p))].append(p)
+        for (_, _, counts), bucket in buckets.items():
             grads = [p.grad for p in bucket]
             states = [self.state[p] for p in bucket]
-            for transform in self.transforms:
+            for transform, k in zip(self.transforms, counts):
                 if isinstance(transform, AdaClip):
                     max_ema = torch.stack([s["max_ema"] for s in states])
                     adaclip_(grads, max_ema, transform.gamma3, 1.0 - transform.gamma3**k)
