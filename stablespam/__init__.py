@@ -1,7 +1,9 @@
 """Optimizer zoo: Stable-SPAM, SPAM and the papers' baselines, with composable stabilizers.
 
 `build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node (invalid
-values raise `OptimizerConfigError`); `register_configs(cs)` stores the typed schemas of that group.
+values raise `OptimizerConfigError`); `register_configs(cs)` stores the typed schemas of that group;
+`load_state_keeping_hyperparameters(optimizer, state_dict)` resumes state and counters under the
+current config's hyperparameters.
 """
 from stablespam._state import OptimizerConfigError
 from stablespam.adafactor import Adafactor
@@ -19,11 +21,13 @@ from stablespam.factory import (
     validate_config,
 )
 from stablespam.lion import Lion
+from stablespam.resume import GROUP_STATE_KEYS, load_state_keeping_hyperparameters
 from stablespam.spam import SPAM
 from stablespam.stabilizers import AdaClip, AdaGN, MoRet, SpikeClip, Stabilized
 from stablespam.stable_spam import StableSPAM
 
 __all__ = [
+    "GROUP_STATE_KEYS",
     "PAPER_LEARNING_RATES",
     "AdaClip",
     "AdaGN",
@@ -43,6 +47,7 @@ __all__ = [
     "StableSPAM",
     "StableSPAMConfig",
     "build_optimizer",
+    "load_state_keeping_hyperparameters",
     "register_configs",
     "validate_config",
 ]

@@ -7,9 +7,11 @@ moret_interval, spike_clip), so Table 3/4 compositions are yaml presets.
 `total_steps` of StableSPAM (the official total_T, beta1/gamma1 cosine): null = no cosine, a
 positive number = that many steps, -1 = the trainer's max_steps (passed to build_optimizer).
 
-Parameter groups: with weight_decay > 0, tensors with fewer than 2 dims (norms, biases) and
-embeddings get no decay; SPAM's `density` applies only to the attention/MLP projection weights
-(official trainer); Adam-mini partitions by module role from the parameter names.
+Parameter groups: tensors with fewer than 2 dims (norms, biases) and embeddings get no decay (their
+own group, also when weight_decay is 0, so that the group layout of a checkpoint does not depend on
+a hyperparameter); SPAM's `density` applies only to the attention/MLP projection weights (official
+trainer); Adam-mini partitions by module role from the parameter names. Every group holds the
+config's learning rate under `base_lr` (the trainer's schedule multiplies it into `lr`).
 
 `build_optimizer` checks every value first and raises `OptimizerConfigError` naming the Hydra key.
 """
@@ -167,8 +169,6 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    if weight_decay == 0:
-        return [{"params": decay + no_decay}]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -266,11 +266,15 @@ def validate_config(cfg: Any) -> None:
 def build_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int) -> torch.optim.Optimizer:
     """The optimizer described by the composed `optimizer` node `cfg` for `model`'s parameters.
 
-    Raises `OptimizerConfigError` for an invalid value.
+    Raises `OptimizerConfigError` for an invalid value. Every param group gets `base_lr`, the
+    config's learning rate (None for Adafactor with relative_step).
     """
     validate_config(cfg)
     c = _as_dict(cfg)
-    return BUILDERS[c["kind"]](model, c, total_steps)
+    optimizer = BUILDERS[c["kind"]](model, c, total_steps)
+    for group in optimizer.param_groups:
+        group["base_lr"] = c["lr"]
+    return optimizer
 
 
 def _adam(model: torch.nn.Module, c: dict[str, Any], total_steps: int) -> torch.optim.Optimizer:
