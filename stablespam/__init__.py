@@ -1,4 +1,5 @@
-"""Optimizer zoo: Stable-SPAM, SPAM and the papers' baselines, with composable stabilizers.
+"""Optimizer zoo: Stable-SPAM, SPAM and the papers' baselines, with composable stabilizers and
+GradientStabilizer.
 
 `build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node (invalid
 values raise `OptimizerConfigError`); `register_configs(cs)` stores the typed schemas of that group;
@@ -23,7 +24,7 @@ from stablespam.factory import (
 from stablespam.lion import Lion
 from stablespam.resume import GROUP_STATE_KEYS, load_state_keeping_hyperparameters
 from stablespam.spam import SPAM
-from stablespam.stabilizers import AdaClip, AdaGN, MoRet, SpikeClip, Stabilized
+from stablespam.stabilizers import AdaClip, AdaGN, GradientStabilizer, GSNorm, MoRet, SpikeClip, Stabilized
 from stablespam.stable_spam import StableSPAM
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "AdamConfig",
     "AdamMini",
     "AdamMiniConfig",
+    "GSNorm",
+    "GradientStabilizer",
     "Lion",
     "LionConfig",
     "MoRet",

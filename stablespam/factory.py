@@ -2,7 +2,8 @@
 
 Each schema has `name` (the preset / variant, e.g. "stable_spam_4bit") and `kind` (which optimizer
 class builds it). Baselines also carry the composable stabilizer switches (adaclip, adagn,
-moret_interval, spike_clip), so Table 3/4 compositions are yaml presets.
+moret_interval, spike_clip), so Table 3/4 compositions are yaml presets. Every schema carries
+`gradient_stabilizer` (GradientStabilizer's norm rescaling in front of any optimizer, `gs_*`).
 
 `total_steps` of StableSPAM (the official total_T, beta1/gamma1 cosine): null = no cosine, a
 positive number = that many steps, -1 = the trainer's max_steps (passed to build_optimizer).
@@ -32,7 +33,7 @@ from stablespam.adafactor import Adafactor
 from stablespam.adam_mini import AdamMini
 from stablespam.lion import Lion
 from stablespam.spam import SPAM
-from stablespam.stabilizers import AdaClip, AdaGN, MoRet, SpikeClip, Stabilized
+from stablespam.stabilizers import AdaClip, AdaGN, GradientStabilizer, GSNorm, MoRet, SpikeClip, Stabilized
 from stablespam.stable_spam import MODES, StableSPAM
 
 # Paper Tables 6 (4-bit) and 7 (BF16) learning rates of Stable-SPAM; pick with optimizer.lr=...
@@ -45,7 +46,18 @@ _PROJECTION = re.compile(r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_p
 
 
 @dataclass
-class StabilizerFields:
+class GradientStabilizerFields:
+    """GradientStabilizer in front of any optimizer (off by default); the paper's defaults."""
+
+    gradient_stabilizer: bool = False
+    gs_gamma1: float = 0.6
+    gs_gamma2: float = 0.999
+    gs_eps: float = 1e-12
+    gs_bias_correction: bool = True
+
+
+@dataclass
+class StabilizerFields(GradientStabilizerFields):
     """AdaClip / AdaGN / SpikeClip / MoRet in front of a baseline (all off by default)."""
 
     adaclip: bool = False
@@ -105,7 +117,7 @@ class AdafactorConfig(StabilizerFields):
 
 
 @dataclass
-class SPAMConfig:
+class SPAMConfig(GradientStabilizerFields):
     name: str = "spam"
     kind: str = "spam"
     lr: float = 1e-3
@@ -121,7 +133,7 @@ class SPAMConfig:
 
 
 @dataclass
-class StableSPAMConfig:
+class StableSPAMConfig(GradientStabilizerFields):
     name: str = "stable_spam"
     kind: str = "stable_spam"
     lr: float = 1e-3
@@ -178,16 +190,23 @@ def _on_cuda(model: torch.nn.Module) -> bool:
 
 
 def _stabilize(base: torch.optim.Optimizer, c: dict[str, Any]) -> torch.optim.Optimizer:
-    transforms: list[Any] = []
-    if c["spike_clip"]:
+    """`base` behind the switched-on transforms; GradientStabilizer first, on the raw gradient.
+
+    SPAM's and StableSPAM's schemas only have the gradient_stabilizer switch (the others are theirs).
+    """
+    gs_args = (c["gs_gamma1"], c["gs_gamma2"], c["gs_eps"], c["gs_bias_correction"])
+    transforms: list[Any] = [GSNorm(*gs_args)] if c["gradient_stabilizer"] else []
+    if c.get("spike_clip"):
         transforms.append(SpikeClip(c["spike_threshold"], c["spike_delay"]))
-    if c["adaclip"]:
+    if c.get("adaclip"):
         transforms.append(AdaClip(c["gamma3"]))
-    if c["adagn"]:
+    if c.get("adagn"):
         transforms.append(AdaGN(c["gamma1"], c["gamma2"], c["stabilizer_eps"]))
-    moret = MoRet(c["moret_interval"]) if c["moret_interval"] > 0 else None
+    moret = MoRet(c["moret_interval"]) if c.get("moret_interval", 0) > 0 else None
     if not transforms and moret is None:
         return base
+    if c["gradient_stabilizer"] and len(transforms) == 1 and moret is None:
+        return GradientStabilizer(base, *gs_args)
     return Stabilized(base, transforms, moret)
 
 
@@ -217,6 +236,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "spike_threshold": (_nonnegative, "must be >= 0 (0 = no spike clipping)"),
     "clip_threshold": (lambda v: v > 0, "must be > 0"),
     "stabilizer_eps": (_nonnegative, "must be >= 0"),
+    "gs_gamma1": (_unit, "must lie in [0, 1)"),
+    "gs_gamma2": (_unit, "must lie in [0, 1)"),
+    "gs_eps": (_nonnegative, "must be >= 0"),
     "density": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
     "eta_min": (lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
     "total_steps": (lambda v: v is None or v == -1 or v >= 1, "must be null, -1 (= trainer.max_steps) or >= 1"),
@@ -313,20 +335,22 @@ def _spam(model: torch.nn.Module, c: dict[str, Any], total_steps: int) -> torch.
         if p.requires_grad:
             (sparse if _PROJECTION.search(name) and p.dim() == 2 else dense).append(p)
     groups = [{"params": sparse, "density": c["density"]}, {"params": dense, "density": 1.0}]
-    return SPAM([g for g in groups if g["params"]], lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"],
+    base = SPAM([g for g in groups if g["params"]], lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"],
                 weight_decay=c["weight_decay"], threshold=c["threshold"], reset_interval=c["reset_interval"],
                 warmup_steps=c["warmup_steps"], clip_delay=c["clip_delay"], mask_seed=c["mask_seed"])
+    return _stabilize(base, c)
 
 
 def _stable_spam(model: torch.nn.Module, c: dict[str, Any], total_steps: int) -> torch.optim.Optimizer:
     total = c["total_steps"]
     if total is not None and total < 0:
         total = total_steps
-    return StableSPAM(_decay_groups(model, c["weight_decay"]), lr=c["lr"], betas=tuple(c["betas"]),
+    base = StableSPAM(_decay_groups(model, c["weight_decay"]), lr=c["lr"], betas=tuple(c["betas"]),
                       eps=c["eps"], weight_decay=c["weight_decay"], gamma1=c["gamma1"], gamma2=c["gamma2"],
                       gamma3=c["gamma3"], reset_interval=c["reset_interval"], total_steps=total,
                       eta_min=c["eta_min"], mode=c["mode"], fp32_moments=c["fp32_moments"],
                       compile=c["compile"])
+    return _stabilize(base, c)
 
 
 BUILDERS: dict[str, Callable[[torch.nn.Module, dict[str, Any], int], torch.optim.Optimizer]] = {

@@ -15,7 +15,13 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 
 from models import ModelConfig, build_model
-from stablespam import StableSPAM, build_optimizer, load_state_keeping_hyperparameters, register_configs
+from stablespam import (
+    GradientStabilizer,
+    StableSPAM,
+    build_optimizer,
+    load_state_keeping_hyperparameters,
+    register_configs,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -102,3 +108,23 @@ def test_compiled_stable_spam_equals_eager_across_a_reset():
         for key in ("exp_avg", "exp_avg_sq", "max_ema", "norm_ema", "norm_sq_ema"):
             torch.testing.assert_close(opt_c.state[b][key], opt_e.state[a][key], rtol=1e-5, atol=1e-7)
     assert opt_c.param_groups[0]["global_step"] == 10
+
+
+def test_gradient_stabilizer_step_never_syncs_with_the_host():
+    """Zero and non-finite norms are handled with device-side masks and counters, not `.item()`."""
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(64, 32), (32,), (8, 4)]]
+    opt = GradientStabilizer(torch.optim.SGD(params, lr=1e-3, foreach=True))
+    grads = [torch.randn_like(p) for p in params]
+    grads[1].zero_()
+    grads[2][0, 0] = float("inf")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.skipped_tensors().item() == 6
+    assert opt.state[params[0]]["gs_step"].item() == 3

@@ -113,6 +113,8 @@ CASES = {
     "adafactor": ([], ["optimizer.lr=1e-2", "optimizer.beta1=0.8", "optimizer.eps=[1e-29,1e-2]",
                        "optimizer.clip_threshold=0.5", "optimizer.decay_rate=-0.5", "optimizer.weight_decay=0.01"]),
     "lion": ([], ["optimizer.lr=1e-3", "optimizer.betas=[0.8,0.9]", "optimizer.weight_decay=0.1"]),
+    "gradient_stabilizer": ([], ["optimizer.lr=1e-2", "optimizer.betas=[0.8,0.99]", "optimizer.weight_decay=0.05",
+                                 "optimizer.gs_gamma1=0.7", "optimizer.gs_gamma2=0.99", "optimizer.gs_eps=1e-8"]),
     "adam_moret_adagn_adaclip": (["optimizer.moret_interval=3"],
                                  ["optimizer.moret_interval=5", "optimizer.lr=1e-2", "optimizer.betas=[0.8,0.99]",
                                   "optimizer.weight_decay=0.1", "optimizer.gamma1=0.6", "optimizer.gamma2=0.95",
