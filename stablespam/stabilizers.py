@@ -124,7 +124,7 @@ class Stabilized(torch.optim.Optimizer):
         counts: list[int | None] = []
         for transform in self.transforms:
             counter, stats = _STATISTICS.get(type(transform), (None, ()))
-            if stats and stats[0] not in state:
+            if stats and (counter or stats[0]) not in state:
                 for key in stats:
                     dtype = torch.int64 if key in _DEVICE_COUNTERS else stat_dtype(p.dtype)
                     state[key] = torch.zeros((), dtype=dtype, device=p.device)
