@@ -1,8 +1,12 @@
-"""Optimizer zoo: Stable-SPAM, SPAM and the papers' baselines, with composable stabilizers.
+"""Optimizer zoo: Stable-SPAM, SPAM and the papers' baselines, with composable stabilizers and
+GradientStabilizer.
 
-`build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node;
-`register_configs(cs)` stores the typed schemas of that group.
+`build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node (invalid
+values raise `OptimizerConfigError`); `register_configs(cs)` stores the typed schemas of that group;
+`load_state_keeping_hyperparameters(optimizer, state_dict)` resumes state and counters under the
+current config's hyperparameters.
 """
+from stablespam._state import OptimizerConfigError
 from stablespam.adafactor import Adafactor
 from stablespam.adam_mini import AdamMini
 from stablespam.factory import (
@@ -15,13 +19,16 @@ from stablespam.factory import (
     StableSPAMConfig,
     build_optimizer,
     register_configs,
+    validate_config,
 )
 from stablespam.lion import Lion
+from stablespam.resume import GROUP_STATE_KEYS, load_state_keeping_hyperparameters
 from stablespam.spam import SPAM
-from stablespam.stabilizers import AdaClip, AdaGN, MoRet, SpikeClip, Stabilized
+from stablespam.stabilizers import AdaClip, AdaGN, GradientStabilizer, GSNorm, MoRet, SpikeClip, Stabilized
 from stablespam.stable_spam import StableSPAM
 
 __all__ = [
+    "GROUP_STATE_KEYS",
     "PAPER_LEARNING_RATES",
     "AdaClip",
     "AdaGN",
@@ -30,9 +37,12 @@ __all__ = [
     "AdamConfig",
     "AdamMini",
     "AdamMiniConfig",
+    "GSNorm",
+    "GradientStabilizer",
     "Lion",
     "LionConfig",
     "MoRet",
+    "OptimizerConfigError",
     "SPAM",
     "SPAMConfig",
     "SpikeClip",
@@ -40,5 +50,7 @@ __all__ = [
     "StableSPAM",
     "StableSPAMConfig",
     "build_optimizer",
+    "load_state_keeping_hyperparameters",
     "register_configs",
+    "validate_config",
 ]

@@ -1,5 +1,5 @@
-"""Helpers shared by the optimizers: the closure call of `step()`, state dtypes that survive
-`load_state_dict`, and the refusal of sharded (DTensor) parameters.
+"""Helpers shared by the optimizers: the project's config error, the closure call of `step()`, state
+dtypes that survive `load_state_dict`, and the refusal of sharded (DTensor) parameters.
 
 `torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point parameter to
 the parameter's dtype: a bf16 model would silently round its fp32 running statistics (and fp32
@@ -13,6 +13,10 @@ from itertools import chain
 from typing import Any
 
 import torch
+
+
+class OptimizerConfigError(ValueError):
+    """An `optimizer` setting that cannot work; the message names the Hydra key (`optimizer.lr=...`)."""
 
 
 def evaluate_closure(closure: Callable[[], Any] | None) -> Any:

@@ -59,6 +59,10 @@ class AdamMini(torch.optim.Optimizer):
         n_heads: int,
         n_kv_heads: int | None = None,
     ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if (dim * dim) % n_heads:
             raise ValueError(f"dim*dim={dim * dim} is not divisible by n_heads={n_heads}")
         if n_kv_heads is not None and n_heads % n_kv_heads:

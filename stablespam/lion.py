@@ -18,8 +18,8 @@ class Lion(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0) -> None:
-        if lr <= 0 or not all(0.0 <= b <= 1.0 for b in betas):
-            raise ValueError(f"invalid Lion hyperparameters lr={lr} betas={betas}")
+        if lr < 0 or weight_decay < 0 or not all(0.0 <= b <= 1.0 for b in betas):
+            raise ValueError(f"invalid Lion hyperparameters lr={lr} betas={betas} weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
     @torch.no_grad()

@@ -60,6 +60,10 @@ class SPAM(torch.optim.Optimizer):
         clip_delay: int = 20,
         mask_seed: int = 0,
     ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must lie in (0, 1], got {density}")
         if reset_interval < 0 or warmup_steps < 0 or clip_delay < 0 or threshold < 0:

@@ -1,4 +1,4 @@
-"""Composable stabilizers: AdaClip, AdaGN, SpikeClip and MoRet in front of any base optimizer.
+"""Composable stabilizers: AdaClip, AdaGN, SpikeClip, GSNorm and MoRet in front of any base optimizer.
 
 `Stabilized(base, transforms=[AdaClip(), AdaGN()], moret=MoRet(1000))` rewrites every gradient with
 the transforms (in order; the same functions `StableSPAM` runs) and then calls `base.step()`;
@@ -6,12 +6,15 @@ MoRet zeroes the base optimizer's state every `interval` steps *before* that ste
 corrected semantics of StableSPAM). So the paper's Table 3 (Lion + AdaGN + AdaClip, Adam-mini +
 AdaGN + AdaClip) and Table 4 ablations (Adam + MoRet, + AdaClip, + AdaGN, SPAM's SpikeClip) are
 configurations, and Adam + MoRet + AdaGN + AdaClip equals `StableSPAM(mode="corrected")` with no
-beta1 cosine (tested).
+beta1 cosine (tested). `GradientStabilizer(base)` (the ICML 2026 version of the Stable-SPAM paper,
+shared/reference/gradient-stabilizer.md) is `Stabilized(base, [GSNorm()])`.
 
 MoRet resets the base's per-parameter state generically: every floating-point tensor is zeroed and a
 `step` counter is set to 0 (so the base's bias corrections restart at 1). Statistics of the
-transforms are fp32 (fp64 for fp64 parameters) and never reset, and their bias corrections use the
-wrapper's global step.
+transforms are fp32 (fp64 for fp64 parameters) and never reset. Each transform keeps its own
+per-tensor counter for their bias corrections, created at its first step, so a transform switched
+on when a run resumes starts its statistics afresh instead of bias-correcting zeros as if they held
+the whole run. The wrapper's step (MoRet's phase, SpikeClip's delay) is `group["stabilizer_step"]`.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 
 from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
 from stablespam.stable_spam import stat_dtype
-from stablespam.transforms import adaclip_, adagn_, spike_clip_
+from stablespam.transforms import adaclip_, adagn_, gradient_stabilize_, spike_clip_
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,37 @@ class SpikeClip:
 
 
 @dataclass(frozen=True)
+class GSNorm:
+    """GradientStabilizer's transform: each tensor's gradient rescaled to m_hat / (sqrt(v_hat) + eps)
+    of the EMAs (gamma1, gamma2) of its norm, direction kept; non-finite or zero norms are skipped."""
+
+    gamma1: float = 0.6
+    gamma2: float = 0.999
+    eps: float = 1e-12
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.gamma1 < 1.0 and 0.0 <= self.gamma2 < 1.0 and self.eps >= 0):
+            raise ValueError(f"GSNorm needs gammas in [0, 1) and eps >= 0, got {self}")
+
+
+@dataclass(frozen=True)
 class MoRet:
     """Zero the base optimizer's state every `interval` steps (0 = never)."""
 
     interval: int = 1000
 
 
-Transform = AdaClip | AdaGN | SpikeClip
+Transform = AdaClip | AdaGN | SpikeClip | GSNorm
+
+# transforms with running statistics -> (their per-tensor Python counter, their statistics)
+_STATISTICS: dict[type, tuple[str | None, tuple[str, ...]]] = {
+    AdaClip: ("adaclip_step", ("max_ema",)),
+    AdaGN: ("adagn_step", ("norm_ema", "norm_sq_ema")),
+    GSNorm: (None, ("gs_norm_ema", "gs_norm_sq_ema", "gs_step", "gs_skipped")),
+}
+# GSNorm counts on the device (its counter advances only where a norm is finite and non-zero)
+_DEVICE_COUNTERS = ("gs_step", "gs_skipped")
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -91,13 +118,27 @@ class Stabilized(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"Stabilized({self.base!r}, transforms={self.transforms}, moret={self.moret})"
 
-    def _stats(self, p: torch.Tensor) -> dict[str, Any]:
+    def _advance_counters(self, p: torch.Tensor) -> tuple[int | None, ...]:
+        """Each transform's step count for `p` after this step (None where it keeps no Python counter)."""
         state = self.state[p]
-        if not state:
-            dtype = stat_dtype(p.dtype)
-            state.update(stat_step=0, **{k: torch.zeros((), dtype=dtype, device=p.device)
-                                         for k in ("max_ema", "norm_ema", "norm_sq_ema")})
-        return state
+        counts: list[int | None] = []
+        for transform in self.transforms:
+            counter, stats = _STATISTICS.get(type(transform), (None, ()))
+            if stats and (counter or stats[0]) not in state:
+                for key in stats:
+                    dtype = torch.int64 if key in _DEVICE_COUNTERS else stat_dtype(p.dtype)
+                    state[key] = torch.zeros((), dtype=dtype, device=p.device)
+                if counter:
+                    state[counter] = 0
+            if counter:
+                state[counter] += 1
+            counts.append(state[counter] if counter else None)
+        return tuple(counts)
+
+    def skipped_tensors(self) -> torch.Tensor:
+        """How many tensor gradients GSNorm left alone (non-finite or zero norm), as a device tensor."""
+        counts = [s["gs_skipped"] for s in self.state.values() if "gs_skipped" in s]
+        return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -119,13 +160,11 @@ class Stabilized(torch.optim.Optimizer):
     def _transform_group(self, params: list[torch.Tensor], t: int) -> None:
         buckets: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            state = self._stats(p)
-            state["stat_step"] += 1
-            buckets[(p.device, p.dtype, state["stat_step"])].append(p)
-        for (_, _, k), bucket in buckets.items():
+            buckets[(p.device, p.dtype, self._advance_counters(p))].append(p)
+        for (_, _, counts), bucket in buckets.items():
             grads = [p.grad for p in bucket]
             states = [self.state[p] for p in bucket]
-            for transform in self.transforms:
+            for transform, k in zip(self.transforms, counts):
                 if isinstance(transform, AdaClip):
                     max_ema = torch.stack([s["max_ema"] for s in states])
                     adaclip_(grads, max_ema, transform.gamma3, 1.0 - transform.gamma3**k)
@@ -137,6 +176,13 @@ class Stabilized(torch.optim.Optimizer):
                            1.0 - transform.gamma1**k, 1.0 - transform.gamma2**k, transform.eps)
                     torch._foreach_copy_([s["norm_ema"] for s in states], list(norm_ema.unbind(0)))
                     torch._foreach_copy_([s["norm_sq_ema"] for s in states], list(norm_sq_ema.unbind(0)))
+                elif isinstance(transform, GSNorm):
+                    keys = _STATISTICS[GSNorm][1]
+                    vectors = [torch.stack([s[key] for s in states]) for key in keys]
+                    gradient_stabilize_(grads, *vectors, transform.gamma1, transform.gamma2, transform.eps,
+                                        transform.bias_correction)
+                    for key, vector in zip(keys, vectors):
+                        torch._foreach_copy_([s[key] for s in states], list(vector.unbind(0)))
                 else:
                     self._spike_clip(bucket, grads, transform, t)
 
@@ -165,3 +211,20 @@ class Stabilized(torch.optim.Optimizer):
         super().load_state_dict(own)
         restore_saved_dtypes(self, own)
         self.base.param_groups = self.param_groups
+
+
+class GradientStabilizer(Stabilized):
+    """GradientStabilizer (ICML 2026; the published GSWrapper's semantics) around any base optimizer.
+
+    Before each `base.step()`, every tensor's gradient keeps its direction and takes the norm
+    m_hat / (sqrt(v_hat) + eps) of the EMAs (gamma1, gamma2) of its past norms, so it is never above
+    1; a tensor with a non-finite or zero norm is left alone and counted (`skipped_tensors()`).
+    Shares the base's param groups; `state_dict()` carries the base's state and the statistics.
+    """
+
+    def __init__(self, base: torch.optim.Optimizer, gamma1: float = 0.6, gamma2: float = 0.999,
+                 eps: float = 1e-12, bias_correction: bool = True) -> None:
+        super().__init__(base, [GSNorm(gamma1, gamma2, eps, bias_correction)])
+
+    def __repr__(self) -> str:
+        return f"GradientStabilizer({self.base!r}, {self.transforms[0]})"

@@ -1,4 +1,5 @@
-"""Gradient transforms of Stable-SPAM (AdaClip, AdaGN) and SPAM (SpikeClip), as multi-tensor functions.
+"""Gradient transforms of Stable-SPAM (AdaClip, AdaGN), SPAM (SpikeClip) and GradientStabilizer, as
+multi-tensor functions.
 
 Each function rewrites a list of gradients in place and never reads a tensor value on the host, so
 a step costs no device->host sync. The per-tensor running statistics are 1-D vectors (one entry per
@@ -97,3 +98,37 @@ def spike_clip_(grads: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], thre
         bound = (v * threshold).sqrt_()
         torch.minimum(grad, bound, out=grad)
         torch.maximum(grad, bound.neg_(), out=grad)
+
+
+def gradient_stabilize_(
+    grads: list[torch.Tensor],
+    norm_ema: torch.Tensor,
+    norm_sq_ema: torch.Tensor,
+    count: torch.Tensor,
+    skipped: torch.Tensor,
+    gamma1: float,
+    gamma2: float,
+    eps: float,
+    bias_correction: bool,
+) -> None:
+    """GradientStabilizer: rescale each gradient to norm m_hat / (sqrt(v_hat) + eps), keeping its direction.
+
+    m, v are EMAs of the tensor's norm and squared norm (`norm_ema`, `norm_sq_ema`, fp32 vectors,
+    one entry per tensor); `count` (int64) counts their updates for the bias corrections. A tensor
+    whose norm is not finite or is zero is left as it is (multiplied by exactly 1), does not move
+    its statistics or `count`, and is counted in `skipped` (int64). All of it stays on the device.
+    """
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_ema.dtype))
+    ok = torch.isfinite(norms) & (norms > 0)
+    count.add_(ok)
+    skipped.add_(~ok)
+    norm_ema.copy_(torch.where(ok, norm_ema.lerp(norms, 1.0 - gamma1), norm_ema))
+    norm_sq_ema.copy_(torch.where(ok, norm_sq_ema.lerp(norms * norms, 1.0 - gamma2), norm_sq_ema))
+    m_hat, v_hat = norm_ema, norm_sq_ema
+    if bias_correction:  # count is 0 only where ok is False, whose 0/0 torch.where discards
+        k = count.to(norm_ema.dtype)
+        m_hat = norm_ema / (1.0 - torch.pow(gamma1, k))
+        v_hat = norm_sq_ema / (1.0 - torch.pow(gamma2, k))
+    target = m_hat / (v_hat.sqrt() + eps)
+    factor = torch.where(ok, target / norms.clamp_min(eps), 1.0)
+    torch._foreach_mul_(grads, list(factor.unbind(0)))
