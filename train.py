@@ -127,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     converter.seed(tcfg.seed, rank)
     model = converter.convert(model).to(accelerator.device)
     optimizer = stablespam.build_optimizer(model, cfg.optimizer, total_steps=tcfg.max_steps)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    base_lrs = [group["base_lr"] for group in optimizer.param_groups]
     schedule = WarmupDecay.from_config(tcfg)
     if tcfg.compile:
         model = torch.compile(model)
