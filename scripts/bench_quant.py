@@ -3,7 +3,9 @@
 One process, same model shape, same random tokens. Each step is `trainer.step.train_step`, the step
 `train.py` runs (loss over the real next-token targets, gradient norm, AdamW step, zero_grad), on a
 model and optimizer prepared by one `Accelerator`; warm-up steps excluded, the device synchronised
-only around each timed round. Prints one JSON object (tokens/s of real targets, ratio vs baseline).
+only around each timed round. Prints one JSON object (tokens/s of real targets, ratio vs baseline,
+`warmup_s`: the warm-up's wall time, compilation included). Compiling every config at 350M takes
+minutes: `--configs` in priority order with `--budget-s` keeps what fits in a time budget.
 
     python scripts/bench_quant.py --model llama_tiny --device cpu --steps 5
     python scripts/bench_quant.py --model llama_350m --device cuda --compile --batch 64 --seq 256
@@ -60,9 +62,18 @@ class Runner:
         self.dtype = str(dtype).replace("torch.", "")
         self.seconds_per_step: list[float] = []
         self.targets_per_step = 0
+        self.warmup_s = 0.0
 
     def step(self):
         return train_step(self.model, self.optimizer, self.micro_batches, self.accelerator)
+
+    def warm_up(self, steps: int) -> None:
+        """The untimed first steps; `warmup_s` is their wall time, which includes any compilation."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.device)
+        self.warmup_s = time.perf_counter() - start
 
     def time(self, steps: int) -> None:
         synchronize(self.device)
@@ -85,7 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per step; must divide --batch")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    parser.add_argument("--configs", nargs="*", default=None, help="quant configs (default all)")
+    parser.add_argument("--configs", nargs="*", default=None, help="quant configs in priority order (default all)")
+    parser.add_argument("--budget-s", type=float, default=0,
+                        help="build and warm up (compile) no further config once this many seconds have passed; "
+                             "those are listed under skipped_for_budget (0 = no limit)")
     args = parser.parse_args(argv)
     if args.accum < 1 or args.batch % args.accum:
         parser.error(f"--accum {args.accum} must be >= 1 and divide --batch {args.batch}")
@@ -116,11 +130,15 @@ def main() -> None:
                                                8 * (len(baselines) + len(names)))
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision="no")
 
-    runners = [Runner(model_cfg, "none", dtype, accelerator, args) for dtype in baselines]
-    runners += [Runner(model_cfg, name, quant_dtype, accelerator, args) for name in names]
-    for runner in runners:
-        for _ in range(args.warmup):
-            runner.step()
+    start = time.perf_counter()
+    runners, skipped = [], []
+    for name, dtype in [("none", dtype) for dtype in baselines] + [(name, quant_dtype) for name in names]:
+        if runners and args.budget_s and time.perf_counter() - start > args.budget_s:
+            skipped.append(name if name != "none" else str(dtype).replace("torch.", ""))
+            continue
+        runner = Runner(model_cfg, name, dtype, accelerator, args)
+        runner.warm_up(args.warmup)
+        runners.append(runner)
     # Interleaved rounds, best round per config: robust to other load on a shared machine.
     for _ in range(args.rounds):
         for runner in runners:
@@ -135,6 +153,7 @@ def main() -> None:
             "targets_per_step": runner.targets_per_step,
             "tokens_per_s": round(runner.targets_per_step / best, 1),
             "ms_per_step": round(1000 * best, 2),
+            "warmup_s": round(runner.warmup_s, 1),
         })
     reference = results[0]["tokens_per_s"]
     for row in results:
@@ -153,6 +172,7 @@ def main() -> None:
         "baseline": results[0]["config"],
         "torch": torch.__version__,
         "results": results,
+        "skipped_for_budget": skipped,
     }, indent=2))
 
 
