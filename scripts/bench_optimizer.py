@@ -92,7 +92,7 @@ def time_step(build: Callable, size: str, device: torch.device, steps: int, warm
     return elapsed, warmup_s
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", nargs="+", default=["60m", "350m"], choices=sorted(SIZES))
@@ -102,7 +102,15 @@ def main() -> None:
                         help="interleaved rounds over all optimizers; the fastest round is reported")
     parser.add_argument("--compile", action="store_true", help="also time StableSPAM(compile=True)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of optimizers (adamw always runs)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = set(args.only or []) - set(builders("tiny", torch.device("cpu"), args.compile))
+    if unknown:
+        parser.error(f"--only: unknown optimizer(s) {', '.join(sorted(unknown))} (stable_spam_compiled needs --compile)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     result: dict[str, object] = {"device": str(device), "torch": torch.__version__,
                                  "threads": torch.get_num_threads(), "steps": args.steps, "sizes": {}}
