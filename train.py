@@ -26,7 +26,7 @@ import models
 import quant
 import stablespam
 from trainer import resume
-from trainer.checkpoint import CheckpointError, CheckpointManager, saved_config
+from trainer.checkpoint import CheckpointError, CheckpointManager, elastic_seed, saved_config
 from trainer.config import ConfigError, check_run_config, register_configs
 from trainer.metrics import device_peak_flops, peak_memory_gib
 from trainer.reporting import METRICS_FILE, Reporter, resolve_wandb_mode
@@ -142,6 +142,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Everything a checkpoint holds besides the model, the optimizer and the RNG streams.
     totals = RunningTotals(accelerator.device)
     loop = {"step": 0, "skipped_steps": 0, "wandb_id": None}
+    reporter_notes: list[str] = []
 
     def rank_state() -> dict[str, Any]:
         return {"loop": dict(loop), "totals": totals.state_dict(), "data": train_loader.state_dict(),
@@ -151,7 +152,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         loop.update(state["loop"])
         totals.load_state_dict(state["totals"])
         train_loader.load_state_dict(state["data"])
-        converter.load_state_dict(state["quant"])
+        if state["saved_world_size"] == world:
+            converter.load_state_dict(state["quant"])
+        elif cfg.data.num_workers > 0:
+            raise ConfigError(
+                f"resuming a {state['saved_world_size']}-process checkpoint on {world} process(es) needs "
+                f"data.num_workers=0 (each worker's stream position is tied to the process count)"
+            )
+        else:  # elastic resume: per-rank random streams restart from (seed, rank, step)
+            seed = elastic_seed(tcfg.seed, rank, loop["step"])
+            set_seed(seed)
+            converter.seed(seed, rank)
+            reporter_notes.append(f"elastic resume: {state['saved_world_size']} -> {world} process(es); "
+                                  f"per-rank random streams restart from (seed, rank, step)")
 
     if resume_from is not None:
         restore(checkpoints.load(resume_from, model, getattr(optimizer, "optimizer", optimizer),
@@ -179,6 +192,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     reporter.info(f"run {run_dir} ({started_from}; full config in config.yaml)")
     if changes:
         reporter.info(resume.describe(changes))
+    for note in reporter_notes:
+        reporter.info(note)
     reporter.info(
         f"model {cfg.model.name} {n_params / 1e6:.1f}M params | precision {tcfg.precision}"
         f"{' | compiled' if tcfg.compile else ''} | quant {converter.describe()}"

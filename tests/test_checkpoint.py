@@ -49,7 +49,7 @@ def test_round_trip_restores_model_optimizer_rank_state_and_rng(prepared):
     train_one_step(model, optimizer)
     assert not torch.equal(weights, model.weight)
     state = manager.load(path, model, optimizer.optimizer, plain_load)
-    assert state == {"step": 1, "data": {"cursor": 7}}
+    assert state == {"step": 1, "data": {"cursor": 7}, "saved_world_size": 1}
     assert torch.equal(weights, model.weight)
     assert optimizer.state_dict()["state"][0]["step"].item() == 1
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected_draws

@@ -116,19 +116,47 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     overrides = ["trainer.max_steps=4", "checkpoint.every=0", "quant=int4"]
     single = run(command(tmp_path / "single", *overrides))
     assert single.returncode == 0, single.stderr
-    # accelerate's `--cpu` launcher starts a single process; `--multi_gpu` starts torchrun workers,
-    # which use gloo on CPU (trainer.cpu=true).
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    double = run(launcher + command(tmp_path / "double", *overrides)[1:] + ["trainer.global_batch_size=4"],
-                 timeout=180, GLOO_SOCKET_IFNAME="lo")
+    double = launch_two(tmp_path / "double", *overrides, "trainer.global_batch_size=4")
     assert double.returncode == 0, double.stderr
     assert "2 process(es)" in double.stdout
     one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+
+
+def launch_two(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """2 processes on CPU: accelerate's `--multi_gpu` starts torchrun workers, which use gloo."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    return run(launcher + command(run_dir, *overrides)[1:], timeout=240, GLOO_SOCKET_IFNAME="lo")
+
+
+def test_elastic_resume_between_one_and_two_processes(tmp_path):
+    """A checkpoint saved by N processes resumes on M: 2 -> 1 and 1 -> 2 follow the uninterrupted run."""
+    # a constant LR, so the first halves (max_steps=5) follow the same schedule as the whole run
+    overrides = ["trainer.max_steps=10", "checkpoint.every=5", "quant=int4", "trainer.lr_schedule=constant"]
+    reference = launch_two(tmp_path / "reference", *overrides)
+    assert reference.returncode == 0, reference.stderr
+    expected = train_losses(tmp_path / "reference")
+
+    first_half = [*overrides[1:], "trainer.max_steps=5"]
+    two_then_one = tmp_path / "two_then_one"
+    assert launch_two(two_then_one, *first_half).returncode == 0
+    resumed = run(command(two_then_one, *overrides))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "elastic resume: 2 -> 1 process(es)" in resumed.stdout
+
+    one_then_two = tmp_path / "one_then_two"
+    assert run(command(one_then_two, *first_half)).returncode == 0
+    resumed = launch_two(one_then_two, *overrides)
+    assert resumed.returncode == 0, resumed.stderr
+    for run_dir in (two_then_one, one_then_two):
+        losses = train_losses(run_dir)
+        assert sorted(losses) == list(range(1, 11))
+        for step in expected:
+            assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize(

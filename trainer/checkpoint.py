@@ -210,18 +210,31 @@ class CheckpointManager:
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              load_optimizer: Callable[[torch.optim.Optimizer, dict[str, Any]], None]) -> dict[str, Any]:
-        """Restore model, optimizer (through `load_optimizer`) and this rank's RNG; returns its rank state."""
+        """Restore model, optimizer (through `load_optimizer`) and this rank's RNG; returns its rank state
+        with `saved_world_size` added.
+
+        Elastic resume (another number of processes): model and optimizer state are replicated under
+        DDP and the loop, totals and data position are global, so every rank takes them from
+        `rank_0.pt`; the per-rank random streams cannot be mapped to other ranks and are left for the
+        caller to restart (see `elastic_seed`).
+        """
         acc = self.accelerator
         saved_world = read_manifest(path)["world_size"]
-        if saved_world != acc.num_processes:
-            raise CheckpointError(
-                f"checkpoint {path} was saved by {saved_world} process(es); resume it with {saved_world} "
-                f"(this run has {acc.num_processes})"
-            )
+        elastic = saved_world != acc.num_processes
         unwrapped = acc.unwrap_model(model)
         check_model_shapes(path, unwrapped)
-        load_model(unwrapped, str(path / MODEL_FILE), device=str(acc.device))
-        load_optimizer(optimizer, torch.load(path / OPTIMIZER_FILE, map_location=acc.device, weights_only=False))
-        state = torch.load(path / rank_file(acc.process_index), map_location="cpu", weights_only=False)
-        set_rng_state(state.pop("rng"))
+        device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # multi-process CPU runs report "cpu:0"
+        load_model(unwrapped, str(path / MODEL_FILE), device=device)
+        load_optimizer(optimizer, torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=False))
+        state = torch.load(path / rank_file(0 if elastic else acc.process_index), map_location="cpu", weights_only=False)
+        rng = state.pop("rng")
+        if not elastic:
+            set_rng_state(rng)
+        state["saved_world_size"] = saved_world
         return state
+
+
+def elastic_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank's random streams after an elastic resume at `step`: distinct per rank and
+    per resume step, so no stream replays the noise it drew from step 0."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint32)[0])
