@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
@@ -292,6 +293,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     reporter.close()
     if cfg.checkpoint.export_hf and accelerator.is_main_process:
+        transformers.utils.logging.disable_progress_bar()
         accelerator.unwrap_model(model).save_pretrained(run_dir / "hf")
         data.export_tokenizer(tokenizer, run_dir / "hf")
     results["step"] = step

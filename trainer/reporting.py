@@ -108,10 +108,11 @@ class Reporter:
         self.metrics_file.flush()
         self.accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=step)
         self.last.update({k: v for k, v in metrics.items() if k in _CONSOLE_KEYS and v is not None})
-        summary = " | ".join(_format(k, self.last[k]) for k in _CONSOLE_KEYS if k in self.last)
-        if self.progress is not None:
+        if self.progress is not None:  # the bar keeps the latest of each, validation included
+            summary = " | ".join(_format(k, self.last[k]) for k in _CONSOLE_KEYS if k in self.last)
             self.progress.update(self.task, completed=step, summary=summary)
-        elif console:
+        elif console:  # a plain line shows this record only; evaluations print their own lines
+            summary = " | ".join(_format(k, metrics[k]) for k in _CONSOLE_KEYS if metrics.get(k) is not None)
             self.console.print(f"step {step}/{self.max_steps} | {summary}", markup=False)
 
     def close(self) -> None:
