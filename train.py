@@ -33,7 +33,8 @@ from trainer.metrics import device_peak_flops, peak_memory_gib
 from trainer.reporting import METRICS_FILE, Reporter, resolve_wandb_mode
 from trainer.runtime import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, finish, resolve_run_dir
 from trainer.schedule import WarmupDecay, set_learning_rates
-from trainer.step import NonFiniteLossError, RunningTotals, target_count, token_loss_sum, train_step
+from trainer.spikes import SpikeDetector
+from trainer.step import NonFiniteLossError, RunningTotals, nonfinite, target_count, token_loss_sum, train_step
 
 register_configs()
 
@@ -142,16 +143,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # Everything a checkpoint holds besides the model, the optimizer and the RNG streams.
     totals = RunningTotals(accelerator.device)
-    loop = {"step": 0, "skipped_steps": 0, "wandb_id": None}
+    spikes = SpikeDetector(tcfg.spike_window, tcfg.spike_z, accelerator.device)
+    loop = {"step": 0, "skipped_steps": 0, "spike_skips": 0, "wandb_id": None}
     reporter_notes: list[str] = []
 
     def rank_state() -> dict[str, Any]:
-        return {"loop": dict(loop), "totals": totals.state_dict(), "data": train_loader.state_dict(),
-                "quant": converter.state_dict()}
+        return {"loop": dict(loop), "totals": totals.state_dict(), "spikes": spikes.state_dict(),
+                "data": train_loader.state_dict(), "quant": converter.state_dict()}
 
     def restore(state: dict[str, Any]) -> None:
         loop.update(state["loop"])
         totals.load_state_dict(state["totals"])
+        spikes.load_state_dict(state["spikes"])
         train_loader.load_state_dict(state["data"])
         if state["saved_world_size"] == world:
             converter.load_state_dict(state["quant"])
@@ -229,6 +232,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         stop_if_nonfinite()
         return checkpoints.save(step, model, optimizer, rank_state(), cfg)
 
+    def skip_if(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        skip = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        if tcfg.nonfinite_policy == "skip":
+            skip |= nonfinite(loss, grad_norm)
+        if tcfg.spike_policy == "skip":
+            skip |= spikes.is_spike(loss, grad_norm)
+        return skip
+
+    skipping = tcfg.nonfinite_policy == "skip" or tcfg.spike_policy == "skip"
     batches = iter(train_loader)
     skipped_in_a_row, lr = 0, None
     window_start, paused = time.perf_counter(), 0.0
@@ -238,23 +250,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
         micro_batches = [{k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
                          for _ in range(accum_steps)]
         out = train_step(model, optimizer, micro_batches, accelerator, grad_clip=tcfg.grad_clip,
-                         skip_nonfinite=tcfg.nonfinite_policy == "skip")
+                         skip_if=skip_if if skipping else None)
         if not out.stepped:
+            reason = "non-finite loss/gradient" if not bool(out.finite) else "loss/grad-norm spike"
             skipped_in_a_row += 1
             loop["skipped_steps"] += 1
-            reporter.log(step + 1, {"skipped_step": True, "skipped_steps": loop["skipped_steps"],
-                                    "loss": float(out.loss), "grad_norm": float(out.grad_norm)}, console=False)
-            reporter.info(f"step {step + 1}: non-finite loss/gradient, update skipped ({skipped_in_a_row} in a row)")
+            loop["spike_skips"] += bool(out.finite)
+            reporter.log(step + 1, {"skipped_step": True, "skip_reason": reason, "skipped_steps": loop["skipped_steps"],
+                                    "spike_skips": loop["spike_skips"], "loss": float(out.loss),
+                                    "grad_norm": float(out.grad_norm)}, console=False)
+            reporter.info(f"step {step + 1}: {reason}, update skipped ({skipped_in_a_row} in a row)")
             if skipped_in_a_row > tcfg.max_consecutive_skips:
                 raise NonFiniteLossError(
-                    f"{skipped_in_a_row} non-finite steps in a row at step {step + 1} (trainer.max_consecutive_skips="
-                    f"{tcfg.max_consecutive_skips}); the last good checkpoint is {checkpoints.latest() or 'none'}"
+                    f"{skipped_in_a_row} skipped steps in a row at step {step + 1} ({reason}; "
+                    f"trainer.max_consecutive_skips={tcfg.max_consecutive_skips}); the last good checkpoint is "
+                    f"{checkpoints.latest() or 'none'}"
                 )
             continue
         skipped_in_a_row = 0
         step += 1
         loop["step"] = step
         totals.add(out, step)
+        if tcfg.spike_policy == "skip":
+            spikes.accept(out.loss, out.grad_norm)
 
         logging_step = step % tcfg.log_every == 0 or step == tcfg.max_steps
         if logging_step:
@@ -270,6 +288,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "tokens_seen": window["tokens_seen"], "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops and tokens_per_s else None,
                 "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_steps": loop["skipped_steps"],
+                "spike_skips": loop["spike_skips"],
                 "data_skipped_lines": train_loader.skipped_lines,
             }, console=True)
             window_start, paused = time.perf_counter(), 0.0

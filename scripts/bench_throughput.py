@@ -40,7 +40,7 @@ import quant  # noqa: E402
 import stablespam  # noqa: E402
 from trainer.config import register_configs  # noqa: E402
 from trainer.metrics import device_peak_flops, peak_memory_gib  # noqa: E402
-from trainer.step import train_step  # noqa: E402
+from trainer.step import nonfinite, train_step  # noqa: E402
 
 BASELINE_OVERRIDES = ["optimizer=adamw", "quant=none", "trainer.precision=pure_bf16"]
 
@@ -97,7 +97,7 @@ def measure(cfg, accelerator: Accelerator, batch: int, seq: int, accum: int, ste
 
     def step():
         return train_step(model, optimizer, micro_batches, accelerator, grad_clip=cfg.trainer.grad_clip,
-                          skip_nonfinite=cfg.trainer.nonfinite_policy == "skip")
+                          skip_if=nonfinite if cfg.trainer.nonfinite_policy == "skip" else None)
 
     for _ in range(warmup):
         step()

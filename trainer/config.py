@@ -37,6 +37,11 @@ class TrainerConfig:
     nonfinite_policy: str = "stop"
     """stop: end the run with a message (the last checkpoint stays) | skip: drop the step."""
     max_consecutive_skips: int = 5
+    spike_policy: str = "off"
+    """off | skip: drop an update whose loss or grad norm is more than spike_z standard deviations above
+    the mean of the last spike_window accepted steps (decided on the device; applying it reads one flag per step)."""
+    spike_z: float = 6.0
+    spike_window: int = 100
     cpu: bool = False
     """Force CPU even when a GPU is visible."""
 
@@ -82,6 +87,7 @@ class RunConfig:
 PRECISIONS = ("fp32", "bf16_mixed", "pure_bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
+SPIKE_POLICIES = ("off", "skip")
 
 
 class ConfigError(ValueError):
@@ -117,7 +123,12 @@ def check_run_config(cfg: Any, world_size: int) -> int:
         raise ConfigError(
             f"need 0 <= trainer.warmup_steps ({t.warmup_steps}) <= trainer.max_steps ({t.max_steps}) and max_steps > 0"
         )
+    if t.spike_policy not in SPIKE_POLICIES:
+        raise ConfigError(f"trainer.spike_policy={t.spike_policy!r}: choose one of {', '.join(SPIKE_POLICIES)}")
+    if t.spike_z <= 0:
+        raise ConfigError(f"trainer.spike_z={t.spike_z} must be > 0")
     for key, value in (("trainer.log_every", t.log_every), ("trainer.eval_every", t.eval_every),
+                       ("trainer.spike_window", t.spike_window),
                        ("checkpoint.keep_last", cfg.checkpoint.keep_last)):
         if value <= 0:
             raise ConfigError(f"{key}={value} must be a positive number of steps")

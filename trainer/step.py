@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,13 +47,18 @@ def target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class StepOutput:
     """Device tensors of one step: mean loss over the global batch, gradient norm before clipping,
     global count of real target tokens, whether both loss and norm are finite; `stepped` is False
-    only for an update skipped under `skip_nonfinite`."""
+    only for an update that `skip_if` rejected."""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     targets: torch.Tensor
     finite: torch.Tensor
     stepped: bool = True
+
+
+def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """`skip_if` for `trainer.nonfinite_policy=skip`: a NaN/inf loss or gradient norm."""
+    return ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
 
 def gradient_norm(model: torch.nn.Module, accelerator: Accelerator, grad_clip: float) -> torch.Tensor:
@@ -65,12 +71,14 @@ def gradient_norm(model: torch.nn.Module, accelerator: Accelerator, grad_clip: f
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator, *,
-               grad_clip: float = 0.0, skip_nonfinite: bool = False) -> StepOutput:
+               grad_clip: float = 0.0,
+               skip_if: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
     """Forward/backward every micro-batch, then clip and step; see the module docstring.
 
     The loss is normalised by the global number of target tokens, so 1 and N processes (and any
-    accumulation split) compute the same gradient. `skip_nonfinite=True` reads the finite flag on
-    the host (one sync) and skips the update when it is False.
+    accumulation split) compute the same gradient. `skip_if(loss, grad_norm)` returns a device bool
+    (e.g. "not finite", "a spike"); when given, the step reads it on the host (one sync) and skips
+    the update when it is True.
     """
     world = accelerator.num_processes
     global_targets = accelerator.reduce(sum(target_count(b) for b in micro_batches), reduction="sum")
@@ -86,7 +94,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     loss = accelerator.reduce(loss_sum, reduction="sum") / global_targets
     grad_norm = gradient_norm(model, accelerator, grad_clip)
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    stepped = not skip_nonfinite or bool(finite)
+    stepped = skip_if is None or not bool(skip_if(loss, grad_norm))
     if stepped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
