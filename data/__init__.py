@@ -7,11 +7,19 @@ from typing import Any, Optional
 
 from data.config import DataConfig, DataError, register_configs
 from data.stream import TrainLoader, build_text_loader
-from data.tokenizer import Tokenizer, build_tokenizer, export_tokenizer
-from data.tokens import TokenTrainLoader, build_token_loader
+from data.tokenizer import Tokenizer, export_tokenizer, load_tokenizer
+from data.tokens import Prepared, TokenTrainLoader, build_token_loader
 from data.validation import build_val_batches
 
 FORMATS = ("text", "tokens")
+
+
+def build_tokenizer(cfg: Any) -> Tokenizer:
+    """The tokenizer `cfg.tokenizer` names; with data=tokens the prepared directory is checked first,
+    so that an unfinished one is reported as such rather than as a missing tokenizer file."""
+    if cfg.format == "tokens":
+        Prepared(cfg)
+    return load_tokenizer(cfg)
 
 
 def build_train_loader(cfg: Any, tokenizer: Tokenizer, *, rank: int, world_size: int, micro_batch_size: int,

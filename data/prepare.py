@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from data.config import PREPARED_TOKENIZER, DataError, resolve_repo_path
 from data.sources import LocalShards, open_source
 from data.stream import _chunks
-from data.tokenizer import Tokenizer, build_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 from data.tokens import FORMAT_VERSION, MANIFEST, SPLITS, token_dtype
 
 ENCODE_CHUNK_DOCS = 1024
@@ -162,7 +162,7 @@ def prepare(cfg: Any, output: Path, *, workers: int, shards: dict[str, Optional[
         raise DataError("prepare_data.py reads text shards (data=c4 or data=sample); data=tokens is what it writes")
     if workers < 1:
         raise DataError(f"workers={workers}: use at least one worker process")
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
     tasks = plan(cfg, tokenizer, shards)
     for split in SPLITS:
         if not any(task.split == split for task in tasks):

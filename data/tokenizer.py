@@ -70,7 +70,7 @@ class Tokenizer:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
 
 
-def build_tokenizer(cfg: Any) -> Tokenizer:
+def load_tokenizer(cfg: Any) -> Tokenizer:
     """Load `cfg.tokenizer`: a `.model` file, a directory holding `spiece.model`, or a hub id
     (e.g. `t5-base`) whose `spiece.model` is fetched with `huggingface_hub`.
 

@@ -205,6 +205,9 @@ def test_a_missing_or_unfinished_directory_is_one_clear_error(prepared, tokenize
     copy = shutil.copytree(prepared, tmp_path / "copy")
     (copy / "manifest.json").unlink()
     assert "has no manifest.json, so its preparation never finished" in error(tokens_config(copy))
+    (copy / "spiece.model").unlink()
+    with pytest.raises(DataError, match="has no manifest.json"):  # reported before the missing tokenizer copy
+        build_tokenizer(tokens_config(copy))
     shutil.copy(prepared / "manifest.json", copy / "manifest.json")
     with open(copy / "train" / "00001.bin", "r+b") as file:
         file.truncate(10)
