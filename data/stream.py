@@ -31,6 +31,7 @@ keeps one such state per worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -45,6 +46,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from data.config import DataError
 from data.sources import HubShards, LocalShards, ShardSubset, open_source
 from data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TOKENIZE_CHUNK_DOCS = 256
@@ -424,6 +427,9 @@ def build_text_loader(cfg: Any, tokenizer: Tokenizer, *, rank: int, world_size: 
     if cfg.lanes > n_shards:
         raise DataError(f"data.lanes={cfg.lanes} needs at least {cfg.lanes} train shards but there are {n_shards}; "
                         f"set data.lanes={n_shards} or fewer (the lanes define the row order)")
+    if n_shards % cfg.lanes:
+        logger.warning("%d train shards do not divide into data.lanes=%d equal lanes: every lane gives as many rows, so "
+                       "the shards of smaller lanes repeat sooner; use a multiple of %d shards", n_shards, cfg.lanes, cfg.lanes)
     layout = LaneLayout(cfg.lanes, cfg.lane_rows)
     lanes = [
         RowStream(ShardSubset(source, range(lane, n_shards, cfg.lanes)), tokenizer, seq_len=cfg.seq_len,

@@ -96,8 +96,10 @@ def test_resume_with_lanes_is_exact_and_refuses_another_rank(corpus, tokenizer):
         single.load_state_dict(state)
 
 
-def test_lane_and_worker_settings_are_checked(corpus, tokenizer):
+def test_lane_and_worker_settings_are_checked(corpus, tokenizer, caplog):
     root, _ = corpus
+    build_train_loader(config(root, lanes=3), tokenizer, rank=0, world_size=1, micro_batch_size=2)
+    assert "4 train shards do not divide into data.lanes=3 equal lanes" in caplog.text
     with pytest.raises(DataError, match=r"data.lanes=5 needs at least 5 train shards but there are 4; set data.lanes=4"):
         build_train_loader(config(root, lanes=5), tokenizer, rank=0, world_size=1, micro_batch_size=2)
     with pytest.raises(DataError, match=r"data.num_workers=3 exceeds the micro batch size 2"):
