@@ -278,3 +278,26 @@ def test_a_killed_preparation_resumes_to_the_uninterrupted_result(tmp_path):
     prepare(DataConfig(name="sample", path=str(text_root)), reference, workers=2, shards=ALL_SHARDS,
             console=Console(quiet=True))
     assert_same_directories(output, reference)
+
+
+def test_the_hub_branch_prepares_the_same_tokens(text_corpus, prepared, tmp_path, monkeypatch):
+    """`data=c4` without a path streams allenai/c4; here a local json streaming dataset stands in for it."""
+    import datasets
+
+    root = text_corpus[0]
+    real_load_dataset = datasets.load_dataset
+    calls = []
+
+    def local_hub(hub_id, hub_config, *, split, streaming):
+        calls.append((hub_id, hub_config, split, streaming))
+        files = [str(p) for p in sorted((root / "en").glob(f"c4-{split}.*.json.gz"))]
+        return real_load_dataset("json", data_files=files, split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", local_hub)  # worker processes are forked with it
+    cfg = DataConfig(name="c4", path=None, tokenizer=str(SAMPLE_TOKENIZER))
+    # train_shards=1: the first shard only (the json builder would stop at shard 1's corrupt lines)
+    manifest = prepare(cfg, tmp_path, workers=2, shards={"train": 1, "validation": None}, console=Console(quiet=True))
+    assert calls[0] == ("allenai/c4", "en", "train", True) and manifest["source"] == "allenai/c4/en"
+    assert [s["name"] for s in manifest["splits"]["train"]["shards"]] == ["allenai/c4/en/train#0"]
+    for split in ("train", "validation"):
+        assert (tmp_path / split / "00000.bin").read_bytes() == (prepared / split / "00000.bin").read_bytes()
