@@ -105,10 +105,10 @@ def windows_to_batch(windows: list[list[int]] | np.ndarray, real_lengths: list[i
 
 
 class RowStream:
-    """The global row sequence from a position on (see the module docstring)."""
+    """One lane's row sequence from a position on (see the module docstring)."""
 
-    def __init__(self, source: LocalShards | HubShards | ShardSubset, tokenizer: Tokenizer, *, seq_len: int, packing: bool,
-                 shuffle: bool, shuffle_buffer: int, seed: int):
+    def __init__(self, source: LocalShards | HubShards | ShardSubset, tokenizer: Tokenizer, *, seq_len: int,
+                 packing: bool, shuffle: bool, shuffle_buffer: int, seed: int):
         if seq_len < 2 or shuffle_buffer < 1:
             raise DataError(f"data.seq_len must be >= 2 and data.shuffle_buffer >= 1 (got {seq_len}, {shuffle_buffer})")
         self.source, self.tokenizer = source, tokenizer
