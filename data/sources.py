@@ -72,6 +72,17 @@ class HubShards:
             yield parse_record(record)
 
 
+class ShardSubset:
+    """Some shards of a source, numbered from 0: the shards of one lane (see data.stream)."""
+
+    def __init__(self, source: LocalShards | HubShards, indices: range):
+        self.source, self.indices = source, indices
+        self.shard_names = [source.shard_names[i] for i in indices]
+
+    def records(self, shard: int, start_line: int) -> Iterator[Optional[str]]:
+        return self.source.records(self.indices[shard], start_line)
+
+
 def open_source(cfg: Any, split: str) -> LocalShards | HubShards:
     """Local shards when `cfg.path` is set, else the hub; a clear DataError for a bad path."""
     if cfg.path is None:

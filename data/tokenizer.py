@@ -6,6 +6,7 @@ silently builds a 104-entry vocabulary), and `t5-base`'s `spiece.model` is the s
 """
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from data.config import DataError, REPO_ROOT, resolve_repo_path
+from data.config import PREPARED_TOKENIZER, REPO_ROOT, DataError, prepared_directory, resolve_repo_path
 from data.hub import hub_unreachable_message, is_connection_error
 
 T5_PAD_ID, T5_EOS_ID, T5_UNK_ID = 0, 1, 2
@@ -45,9 +46,12 @@ class Tokenizer:
                 f"T5's layout (0, 1, 2, none), e.g. t5-base's spiece.model or data/sample/tokenizer"
             )
         self.vocab_size: int = self._processor.get_piece_size()
+        # Identifies the tokenizer in prepared token files: same bytes, same ids.
+        self.sha256: str = hashlib.sha256(model_proto).hexdigest()
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [ids + [T5_EOS_ID] for ids in self._processor.encode(list(texts), out_type=int)]
+    def encode(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Each text's ids followed by EOS; `num_threads=1` when the caller runs one process per core."""
+        return [ids + [T5_EOS_ID] for ids in self._processor.encode(list(texts), out_type=int, num_threads=num_threads)]
 
     def decode(self, ids: Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
         """Text of one id sequence, or of each of a batch; pad and EOS decode to nothing."""
@@ -66,15 +70,21 @@ class Tokenizer:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
 
 
-def build_tokenizer(cfg: Any) -> Tokenizer:
+def load_tokenizer(cfg: Any) -> Tokenizer:
     """Load `cfg.tokenizer`: a `.model` file, a directory holding `spiece.model`, or a hub id
     (e.g. `t5-base`) whose `spiece.model` is fetched with `huggingface_hub`.
 
     A value that names an existing path (absolute, or relative to the repository root) or looks
     like a file path (ends in `.model`, starts with `.`, `/` or `~`) is local; anything else is a
-    hub id.
+    hub id. With `data=tokens`, `null` is the copy that scripts/prepare_data.py keeps beside the tokens.
     """
-    value = str(cfg.tokenizer)
+    if cfg.tokenizer is None:
+        if cfg.format != "tokens":
+            raise DataError("data.tokenizer is not set: name a SentencePiece .model file, a directory holding "
+                            "spiece.model, or a hub id such as t5-base")
+        value = str(prepared_directory(cfg) / PREPARED_TOKENIZER)
+    else:
+        value = str(cfg.tokenizer)
     local = resolve_repo_path(value)
     if local.exists() or value.endswith(".model") or value.startswith((".", "/", "~")):
         model_file = local / "spiece.model" if local.is_dir() else local

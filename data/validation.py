@@ -1,7 +1,8 @@
 """Validation rows on a fixed token budget, split across ranks so the token-weighted mean is exact.
 
 The rows are the first ones of the validation split in file order (no shuffle), built exactly as
-in training (packed seq_len + 1 windows, or one padded document per row), until they hold
+in training (packed seq_len + 1 windows, or one padded document per row; with `data=tokens` the
+same windows read from the prepared validation split), until they hold
 `val_tokens` target tokens (target != -100). They are padded with all-ignored rows to a multiple
 of micro_batch_size * world_size and dealt out like training rows, so every rank runs the same
 number of batches and the union over ranks is the same set of rows for any world size or batch
@@ -19,12 +20,15 @@ from data.config import DataError
 from data.sources import open_source
 from data.stream import TOKENIZE_CHUNK_DOCS, _chunks, paper_window, windows_to_batch
 from data.tokenizer import Tokenizer
+from data.tokens import token_validation_rows
 
 logger = logging.getLogger(__name__)
 
 
 def validation_rows(cfg: Any, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(windows [N, seq_len + 1] int32, real lengths [N]) of the whole budget, identical on every rank."""
+    """(windows [N, seq_len + 1], real lengths [N]) of the whole budget, identical on every rank."""
+    if cfg.format == "tokens":
+        return token_validation_rows(cfg, tokenizer)
     source = open_source(cfg, "validation")
     texts = (
         text

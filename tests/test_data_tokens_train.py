@@ -1,0 +1,47 @@
+"""train.py with `data=tokens` on a prepared copy of the bundled sample: one and two processes, bad inputs."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+from rich.console import Console
+
+from data import DataConfig
+from data.prepare import prepare
+from test_data_tokens import other_tokenizer
+from test_train_e2e import command, free_port, run, train_losses
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    output = tmp_path_factory.mktemp("sample-tokens")
+    prepare(DataConfig(), output, workers=2, shards={"train": None, "validation": None}, console=Console(quiet=True))
+    return output
+
+
+def test_two_processes_match_one_process_on_prepared_tokens(prepared, tmp_path):
+    overrides = ["data=tokens", f"data.path={prepared}", "data.num_workers=1", "trainer.max_steps=4",
+                 "checkpoint.every=0"]
+    single = run(command(tmp_path / "single", *overrides))
+    assert single.returncode == 0, single.stderr
+    assert "data tokens seq 32 packed" in single.stdout and "done: 4 steps, validation perplexity" in single.stdout
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    double = run(launcher + command(tmp_path / "double", *overrides)[1:], timeout=180, GLOO_SOCKET_IFNAME="lo")
+    assert double.returncode == 0, double.stderr
+    assert "2 process(es)" in double.stdout
+    one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+
+
+def test_a_tokenizer_other_than_the_manifests_fails_with_one_line(prepared, tmp_path):
+    other = f"data.tokenizer={other_tokenizer(tmp_path / 'other.model')}"
+    result = run(command(tmp_path / "run", "data=tokens", f"data.path={prepared}", "trainer.max_steps=2", other),
+                 timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "is not the tokenizer" in errors[0] and "manifest.json" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
