@@ -158,11 +158,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         train_loader.load_state_dict(state["data"])
         if state["saved_world_size"] == world:
             converter.load_state_dict(state["quant"])
-        elif cfg.data.num_workers > 0:
-            raise ConfigError(
-                f"resuming a {state['saved_world_size']}-process checkpoint on {world} process(es) needs "
-                f"data.num_workers=0 (each worker's stream position is tied to the process count)"
-            )
         else:  # elastic resume: per-rank random streams restart from (seed, rank, step)
             seed = elastic_seed(tcfg.seed, rank, loop["step"])
             set_seed(seed)
@@ -211,6 +206,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"{tcfg.global_batch_size} seq/step = {tcfg.micro_batch_size} x {world} process(es) x {accum_steps} "
         f"accumulation | {accelerator.device}"
     )
+    reporter.info(train_loader.describe())
     results: dict[str, float] = {}
     if tcfg.eval_at_start and step == 0:
         results["initial_val_loss"] = evaluate(model, val_batches, accelerator)

@@ -26,7 +26,9 @@ FIXED_ON_RESUME = (
     "data.shuffle",
     "data.shuffle_buffer",
     "data.seed",
-    "data.num_workers",
+    "data.format",
+    "data.lanes",
+    "data.lane_rows",
     "trainer.seed",
 )
 # Keys that never matter for the saved state: where the run lives and how it is displayed.
