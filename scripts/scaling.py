@@ -11,6 +11,7 @@ saves for a tiny model; throughput comes from shared/reference/performance-ancho
 from __future__ import annotations
 
 import argparse
+import math
 import gzip
 import json
 import statistics
@@ -30,6 +31,7 @@ DOC = ROOT / "docs" / "scaling.md"
 MODELS = ("llama_1b", "llama_7b")
 GPU_COUNTS = (8, 32, 128)
 GLOBAL_SEQS, SEQ_LEN = 512, 256  # the papers' batch: 131,072 token slots per optimizer step
+C4_LANES, C4_LANE_ROWS = 16, 32  # configs/data/c4.yaml: data.lanes, data.lane_rows
 TRAIN_STEPS = 20_000  # the papers' 4-bit recipe
 GIB = 2**30
 GPU_MEMORY = 80 * GIB  # H100 SXM 80 GB (HBM3, 80 GiB)
@@ -44,7 +46,7 @@ BUS_BANDWIDTH = {"one node": 450e9, "several nodes": 350e9}
 # SentencePiece encode and the whole packing stream (gunzip, JSON, encode, packing), tokens per CPU
 # second on one core, measured with `--measure` on a shared 2-core Xeon (AMX) with the bundled
 # 8192-piece model and sample corpus: medians of 5, rounded over several runs that gave 2.6-3.5M and
-# 1.5-2.0M; data/stream.py's docstring says about 7M for SentencePiece.
+# 1.5-2.0M.
 MEASURED_RATES = {"sentencepiece_tokens_per_core_s": 2.9e6, "packing_stream_tokens_per_core_s": 1.8e6}
 LOSS_PEAK_FACTOR = 12  # bytes per token per vocab entry at the loss's peak, see the derivation
 
@@ -267,13 +269,21 @@ def figures(rates: dict[str, float]) -> dict:
                                   "hours_for_20k_steps_compute_only": compute_s * TRAIN_STEPS / 3600})
             model["data"].append({
                 "gpus": gpus, "cluster_tokens_per_s": gpus * per_gpu, "compute_s_per_step": compute_s,
-                "streaming_cpu_s_per_step": step_tokens / rates["packing_stream_tokens_per_core_s"],
+                "streaming_lanes_read": streaming_lanes_read(gpus),
+                "streaming_cpu_s_per_step": step_tokens * streaming_lanes_read(gpus) / C4_LANES
+                / rates["packing_stream_tokens_per_core_s"],
                 "pretokenized_bytes_per_s_per_rank": 2 * per_gpu})
         result["models"][name] = model
     tokens = step_tokens * TRAIN_STEPS
     result["preparation"] = {"tokens": tokens, "core_hours": tokens / rates["packing_stream_tokens_per_core_s"] / 3600,
                              "bytes": 2 * tokens}
     return result
+
+
+def streaming_lanes_read(gpus: int) -> int:
+    """Lanes a rank reads with `data=c4` (configs/data/c4.yaml): the runs its rows come from."""
+    rows_per_rank = GLOBAL_SEQS // gpus
+    return min(C4_LANES, math.ceil(rows_per_rank / C4_LANE_ROWS))
 
 
 def gib(value: float) -> str:
@@ -360,10 +370,10 @@ def markdown(result: dict) -> str:
               + ("; ".join(sync_bound) if sync_bound else "none") + ". There the papers' 131k-token batch is too "
               "small for that many GPUs: a larger global batch, fewer GPUs per run, or faster links.",
               "", "## Data loading", "", DATA_NOTES.format(
-                  encode=rates["sentencepiece_tokens_per_core_s"] / 1e6,
+                  lanes=C4_LANES, lane_rows=C4_LANE_ROWS, encode=rates["sentencepiece_tokens_per_core_s"] / 1e6,
                   stream=rates["packing_stream_tokens_per_core_s"] / 1e6),
               "", "| model | GPUs | cluster tokens/s at compute speed | compute s/step |"
-              " streaming C4: CPU s/step per reader | pre-tokenized: read per rank |", "|---|---|---|---|---|---|"]
+              " streaming C4: lanes read, CPU s/step per rank | pre-tokenized: read per rank |", "|---|---|---|---|---|---|"]
     data_bound = []
     for name, model in result["models"].items():
         for d in model["data"]:
@@ -371,11 +381,13 @@ def markdown(result: dict) -> str:
                 data_bound.append(f"{name} on {d['gpus']}")
             lines.append(
                 f"| {name} | {d['gpus']} | {d['cluster_tokens_per_s'] / 1e6:.2f}M | {d['compute_s_per_step']:.3f} | "
-                f"{d['streaming_cpu_s_per_step']:.3f} | {d['pretokenized_bytes_per_s_per_rank'] / 1e3:.0f} kB/s |")
+                f"{d['streaming_lanes_read']}, {d['streaming_cpu_s_per_step']:.4f} | "
+                f"{d['pretokenized_bytes_per_s_per_rank'] / 1e3:.0f} kB/s |")
     prep = result["preparation"]
     lines += ["", f"Streaming is slower than compute for: {', '.join(data_bound) if data_bound else 'none'}: "
-              f"the text stream caps a run at about {rates['packing_stream_tokens_per_core_s'] / 1e6:.1f}M tokens/s "
-              "whatever the number of GPUs (more SentencePiece threads speed up only the encode).",
+              f"a reader of one lane keeps up with {rates['packing_stream_tokens_per_core_s'] / 1e6:.1f}M tokens/s of it, "
+              f"so streaming caps a run at about {C4_LANES * rates['packing_stream_tokens_per_core_s'] / 1e6:.0f}M "
+              "tokens/s whatever the number of GPUs (more SentencePiece threads speed up only the encode).",
               "", PREPARATION_NOTES.format(tokens=prep["tokens"] / 1e9, core_hours=prep["core_hours"],
                                            gb=prep["bytes"] / 1e9), ""]
     return "\n".join(lines)
@@ -445,14 +457,14 @@ bandwidths of {one_node:.0f} GB/s in one node (NVLink 4) and {nodes:.0f} GB/s ac
 node, one per GPU; scale it down for fewer NICs). DDP overlaps it with backward and FSDP2 with
 compute, so a step takes at least the larger of the two."""
 
-DATA_NOTES = """In packing mode every reader (each rank, and each DataLoader worker of it) tokenizes the whole global
-stream to know where rows end, and keeps its own rows: per optimizer step each reader spends the CPU
-time of all 131,072 tokens, whatever N, and extra workers overlap that with compute but do not divide
-it. Measured here (`--measure`: one core, the bundled 8192-piece model and sample corpus, median of
+DATA_NOTES = """Streaming `data=c4` deals the train shards to {lanes} lanes (configs/data/c4.yaml) and a global batch
+of 512 rows takes a run of {lane_rows} rows from each lane; in packing mode a reader tokenizes every
+document of the lanes its rows come from to know where rows end, so per optimizer step a rank spends
+the CPU time of (lanes it reads / {lanes}) of the 131,072 tokens: 2 of 16 lanes on 8 GPUs, 1 lane from
+16 GPUs on (a rank with fewer rows than a run still reads its lane's whole run). Measured here (`--measure`: one core, the bundled 8192-piece model and sample corpus, median of
 5, on a shared 2-core Xeon where repeated runs varied by about 30%): SentencePiece alone encodes
 {encode:.1f}M tokens/s; the whole stream (gunzip, JSON, encode, packing in Python) {stream:.1f}M tokens/s.
-The table uses the stream's figure; data/stream.py's docstring says about 7M tokens/s for
-SentencePiece, about twice what this CPU does. Pre-tokenized data (`data=tokens`) reads only the
+The table uses the stream's figure. Pre-tokenized data (`data=tokens`) reads only the
 rank's own rows from a memory map, 2 bytes per token."""
 
 PREPARATION_NOTES = """One-time preparation, `python scripts/prepare_data.py data=c4 data.path=... output=...`, of the
