@@ -19,7 +19,7 @@ import hydra
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 import data
@@ -102,6 +102,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cpu=tcfg.cpu,
         mixed_precision="bf16" if tcfg.precision == "bf16_mixed" else "no",
         log_with="wandb" if wandb_mode != "disabled" else None,
+        # gradients live in DDP's all-reduce buckets instead of a second copy beside them
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
     preemption = PreemptionFlag(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
