@@ -50,7 +50,7 @@ def quantize_with_mask(
     estimator."""
     if not spec.enabled:
         return x, None
-    spec.validate()
+    spec = spec.validate().resolved()
     official = spec.format.endswith("_official")
     compute_dtype = x.dtype if official else torch.float32
     y = x.to(compute_dtype)
@@ -117,7 +117,7 @@ def _to_groups(
     Returns the groups, the inverse map and, when padding was needed, a boolean mask of real
     elements (min/max-based formats must ignore the padding; absmax ones are unaffected by 0).
     """
-    size = spec.resolved_group_size
+    size = spec.group_size
     if spec.block_2d:
         if x.dim() != 2:
             raise QuantConfigError(f"quant block_2d needs a 2-D tensor, got shape {tuple(x.shape)}")

@@ -130,9 +130,9 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if estimator not in ESTIMATORS:
             raise QuantConfigError(f"quant estimator={estimator!r} must be one of {ESTIMATORS}")
-        self.weight_spec = (weight_spec or QuantSpec()).validate("weight")
-        self.activation_spec = (activation_spec or QuantSpec()).validate("activation")
-        self.gradient_spec = (gradient_spec or QuantSpec()).validate("gradient")
+        self.weight_spec = (weight_spec or QuantSpec()).validate("weight").resolved()
+        self.activation_spec = (activation_spec or QuantSpec()).validate("activation").resolved()
+        self.gradient_spec = (gradient_spec or QuantSpec()).validate("gradient").resolved()
         self.estimator = estimator
         self.streams = streams or RoundingStreams()
 

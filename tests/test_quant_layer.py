@@ -234,3 +234,23 @@ def test_typo_or_bad_value_fails_with_hydra_or_clear_message(quant_hydra):
         build_converter(compose(config_name="int4", overrides=["weight.format=nf4"]))
     with pytest.raises(QuantConfigError, match="estimator"):
         build_converter(compose(config_name="int4", overrides=["estimator=lsq"]))
+
+
+@pytest.mark.parametrize("name", ["int4", "int8", "fp4", "mxfp4", "nvfp4", "int4_official", "fp4_official"])
+def test_python_spec_defaults_are_the_yaml_configs(name, quant_hydra):
+    cfg = quant.converter.to_quant_config(compose(config_name=name))
+    # The yamls' only role-specific choices: the official asymmetric weight quantizer and
+    # NVFP4's 16x16 weight tiles (NVIDIA's recipe; activations use 1x16 blocks).
+    weight = {"int4_official": QuantSpec(name, symmetric=False),
+              "nvfp4": QuantSpec(name, block_2d=True)}.get(name, QuantSpec(name))
+    assert cfg.weight.resolved() == weight.resolved()
+    assert cfg.activation.resolved() == QuantSpec(name).resolved()
+
+
+def test_official_format_defaults_are_the_official_layout():
+    for spec in (QuantSpec("fp4_official"), QuantSpec("int4_official")):
+        resolved = spec.resolved()
+        assert (resolved.group_size, resolved.grouping, resolved.outlier_topk) == (256, "flat", 2)
+    assert QuantSpec("int4_official", symmetric=False).resolved().outlier_topk == 0
+    assert QuantSpec("fp4_official").summary() == "fp4_official,g256,flat,top2,RTN"
+    assert QuantSpec("int4").resolved() == QuantSpec("int4", group_size=128, grouping="k", outlier_topk=0)
