@@ -70,17 +70,56 @@ def test_clipped_ste_zeroes_gradient_of_clipped_inputs():
     assert torch.equal(x.grad, expected)
 
 
-def test_gradient_quantization_applies_to_output_gradient():
+@pytest.mark.parametrize(
+    "dtype,bias,lead",
+    [(torch.float32, True, (12,)), (torch.float32, False, (2, 6)), (torch.bfloat16, True, (2, 6))],
+)
+def test_three_gemms_match_a_per_gemm_reference(dtype, bias, lead):
     torch.manual_seed(0)
-    linear = nn.Linear(32, 64, bias=False)
-    grad_spec = QuantSpec("int4", group_size=32)
-    layer = QuantLinear.from_linear(linear, gradient_spec=grad_spec)
-    x = torch.randn(6, 32, requires_grad=True)
-    grad_out = torch.randn(6, 64)
-    layer(x).backward(grad_out)
-    g_q = fake_quantize(grad_out, grad_spec)
-    assert torch.allclose(x.grad, g_q @ linear.weight.detach(), atol=1e-5)
-    assert torch.allclose(linear.weight.grad, g_q.t() @ x.detach(), atol=1e-5)
+    linear = nn.Linear(32, 48, bias=bias).to(dtype)
+    w_spec, a_spec = QuantSpec("int4", group_size=16), QuantSpec("mxfp4")
+    g_spec = QuantSpec("int4", group_size=8)  # 12 tokens: a full group and a partial one
+    layer = QuantLinear.from_linear(linear, weight_spec=w_spec, activation_spec=a_spec,
+                                    gradient_spec=g_spec)
+    x = torch.randn(*lead, 32, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(*lead, 48, dtype=dtype)
+    out = layer(x)
+    out.backward(grad_out)
+
+    # Reference: each GEMM's operands quantized along that GEMM's reduction dimension.
+    w_q = fake_quantize(linear.weight.detach(), w_spec)  # (out, in) along in
+    x_q = fake_quantize(x.detach().reshape(12, 32), a_spec)  # (tokens, in) along in
+    g = grad_out.reshape(12, 48)
+    g_dgrad = fake_quantize(g, g_spec)  # (tokens, out) along out
+    g_wgrad = fake_quantize(g.t().contiguous(), g_spec)  # (out, tokens) along tokens
+    expected_out = x_q @ w_q.t() + (linear.bias.detach() if bias else 0)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(out.detach().reshape(12, 48), expected_out.to(dtype), **tol)
+    torch.testing.assert_close(x.grad.reshape(12, 32), g_dgrad @ w_q, **tol)
+    torch.testing.assert_close(linear.weight.grad, g_wgrad @ x_q, **tol)
+    if bias:
+        torch.testing.assert_close(linear.bias.grad, g.sum(0), **tol)  # unquantized G
+    assert x.grad.dtype == linear.weight.grad.dtype == dtype
+
+
+def test_wgrad_quantizes_gradient_groups_along_tokens():
+    # Token 0 has a large gradient on every output. Grouped along the tokens (wgrad), each
+    # output channel's scale is 100/7, so token 1's small entries round to zero; grouped along
+    # out_features (dgrad), token 1 has its own scale and survives.
+    g = torch.tensor([[100.0, 100.0, 100.0], [1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    spec = QuantSpec("int4", group_size=-1)
+    layer = QuantLinear(3, 3, bias=False, gradient_spec=spec)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(3))
+    x = torch.eye(3, requires_grad=True)  # tokens x in_features, so dW = q_wgrad(G)^T
+    layer(x).backward(g)
+    along_tokens = fake_quantize(g.t(), spec)
+    along_out = fake_quantize(g, spec).t()
+    assert not torch.equal(along_tokens, along_out)
+    assert torch.equal(layer.weight.grad, along_tokens)
+    assert torch.equal(layer.weight.grad[:, 1], torch.zeros(3))
+    assert torch.equal(x.grad, fake_quantize(g, spec))  # dX = q_dgrad(G) W, W = I
+    assert torch.all(x.grad[1] != 0)
 
 
 def test_official_weight_ste_is_the_official_expression():
