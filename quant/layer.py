@@ -9,6 +9,7 @@ and dL/dX_q on to W and X.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -194,11 +195,20 @@ class QuantLinear(nn.Linear):
         layer.train(linear.training)
         return layer
 
+    def _active(self, spec: QuantSpec) -> QuantSpec:
+        """`spec` as this call applies it: round-to-nearest in eval mode, so that evaluation is
+        deterministic and never advances the rounding streams (training noise does not
+        depend on how often one evaluates)."""
+        if spec.stochastic and not self.training:
+            return replace(spec, stochastic=False)
+        return spec
+
     def _quantize(self, tensor: torch.Tensor, spec: QuantSpec):
         """(fake-quantized detached tensor, in-range mask for the clipped STE or None)."""
         tensor = tensor.detach()
         if not spec.enabled:
             return tensor, None
+        spec = self._active(spec)
         generator = self.streams.generator(tensor.device) if spec.stochastic else None
         with torch.no_grad():
             return quantize_with_mask(tensor, spec, generator, self.estimator == "clipped_ste")
@@ -211,9 +221,10 @@ class QuantLinear(nn.Linear):
             with torch.no_grad():
                 weight_q = (weight_q + self.weight) - self.weight
         input_q, input_in_range = self._quantize(input, self.activation_spec)
+        gradient_spec = self._active(self.gradient_spec)
         plan = _Backward(
-            dgrad=self.gradient_spec,
-            wgrad=self.gradient_spec,
+            dgrad=gradient_spec,
+            wgrad=gradient_spec,
             streams=self.streams,
             input_hadamard=self.activation_spec.hadamard_size,
             weight_hadamard=self.weight_spec.hadamard_size,

@@ -275,6 +275,33 @@ def test_typo_or_bad_value_fails_with_hydra_or_clear_message(quant_hydra):
         build_converter(compose(config_name="int4", overrides=["estimator=lsq"]))
 
 
+def test_eval_rounds_to_nearest_and_leaves_the_streams_alone():
+    model, converter = _tiny_model(), build_converter(_sr_config())
+    converter.convert(model)
+    converter.seed(1234, rank=0)
+    reference = _tiny_model()  # same weights, round-to-nearest everywhere
+    rtn = _load("int4")
+    rtn.gradient = {"format": "int8"}
+    build_converter(rtn).convert(reference)
+    ids = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def streams_state():
+        return converter.streams.state_dict()["generator_states"]["cpu"]
+
+    model.train()
+    model(input_ids=ids)  # creates the CPU stream, advances it
+    before = streams_state()
+    model.eval()
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(streams_state(), before)
+    assert torch.equal(first, second)
+    assert torch.equal(first, reference.eval()(input_ids=ids).logits)
+    model.train()
+    model(input_ids=ids)
+    assert not torch.equal(streams_state(), before)
+
+
 @pytest.mark.parametrize("name", ["int4", "int8", "fp4", "mxfp4", "nvfp4", "int4_official", "fp4_official"])
 def test_python_spec_defaults_are_the_yaml_configs(name, quant_hydra):
     cfg = quant.converter.to_quant_config(compose(config_name=name))
