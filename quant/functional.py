@@ -50,7 +50,7 @@ def quantize_with_mask(
     estimator."""
     if not spec.enabled:
         return x, None
-    spec.validate()
+    spec = spec.validate().resolved()
     official = spec.format.endswith("_official")
     compute_dtype = x.dtype if official else torch.float32
     y = x.to(compute_dtype)
@@ -76,6 +76,39 @@ def _uniform_noise(like: torch.Tensor, generator: Optional[torch.Generator]) -> 
 # ----------------------------------------------------------------------------------- grouping
 
 
+@torch.library.custom_op("stablespam::crop", mutates_args=())
+def crop(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """`t[:sizes[0], :sizes[1], ...]` as a new tensor, opaque to torch.compile.
+
+    Removes the zero padding of partial groups. It is an opaque op rather than a slice because
+    inductor's CPU loop split (torch 2.13, pytorch/pytorch#195582, fix in PR #196119) rewrites
+    a kernel over the unpadded length K that reads per-group scales at index k // group_size
+    into K // group_size full groups and drops the remainder: the last partial group of every
+    row was left uninitialized (NaN/garbage loss under `trainer.compile=true`). Behind this op
+    the padded result is materialized and every kernel's extent is a multiple of the group.
+    """
+    return t[tuple(slice(0, size) for size in sizes)].clone()
+
+
+@crop.register_fake
+def _(t, sizes):
+    return t.new_empty(sizes)
+
+
+def _crop_setup_context(ctx, inputs, output):
+    ctx.padded_shape = inputs[0].shape
+
+
+def _crop_backward(ctx, grad):
+    pads = []
+    for padded, size in zip(reversed(ctx.padded_shape), reversed(grad.shape)):
+        pads += [0, padded - size]
+    return F.pad(grad, pads), None
+
+
+crop.register_autograd(_crop_backward, setup_context=_crop_setup_context)
+
+
 def _to_groups(
     x: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Optional[torch.Tensor]]:
@@ -84,7 +117,7 @@ def _to_groups(
     Returns the groups, the inverse map and, when padding was needed, a boolean mask of real
     elements (min/max-based formats must ignore the padding; absmax ones are unaffected by 0).
     """
-    size = spec.resolved_group_size
+    size = spec.group_size
     if spec.block_2d:
         if x.dim() != 2:
             raise QuantConfigError(f"quant block_2d needs a 2-D tensor, got shape {tuple(x.shape)}")
@@ -98,7 +131,7 @@ def _to_groups(
 
         def ungroup(t: torch.Tensor) -> torch.Tensor:
             t = t.reshape(rb, cb, size, size).permute(0, 2, 1, 3).reshape(rb * size, cb * size)
-            return t[:rows, :cols]
+            return crop(t, [rows, cols]) if pad_r or pad_c else t
 
         valid = None
         if pad_r or pad_c:
@@ -113,7 +146,7 @@ def _to_groups(
         groups = F.pad(x.reshape(-1), (0, pad)).reshape(-1, size)
 
         def ungroup_flat(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(-1)[:n].reshape(shape)
+            return (crop(t.reshape(-1), [n]) if pad else t).reshape(shape)
 
         valid = None
         if pad:
@@ -128,7 +161,7 @@ def _to_groups(
 
     def ungroup_k(t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(*lead, k + pad)
-        return t[..., :k] if pad else t
+        return crop(t, [*lead, k]) if pad else t
 
     valid = None
     if pad:

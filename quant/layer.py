@@ -2,12 +2,15 @@
 
 `QuantLinear` subclasses `nn.Linear` and reuses the original Parameter objects, so parameter
 names, `state_dict` keys (HF-compatible) and optimizer bindings are unchanged by conversion.
-The GEMMs run on the dequantized operands, so autograd gives dX = G W_q and dW = G^T X_q, as in
-the official code; the straight-through estimator passes dL/dW_q and dL/dX_q on to W and X.
+Its three GEMMs are written out (`_QuantLinearFunction`): Y = X_q W_q^T, dX = q(G) W_q and
+dW = q(G)^T X_q as in the official code, where the gradient G, when quantized, is grouped along
+the reduction dimension of each backward GEMM; the straight-through estimator passes dL/dW_q
+and dL/dX_q on to W and X.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -74,40 +77,84 @@ def _device_key(device: torch.device | str) -> str:
     return str(device)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the quantized tensor. Backward: the gradient unchanged (STE) or zeroed where the
-    input was clipped (clipped STE; the mask lives in the rotated basis when rotated)."""
+def _straight_through(grad, in_range, hadamard_size):
+    """dL/dX from dL/dX_q: unchanged (STE), or zeroed where X was clipped (clipped STE; the mask
+    lives in the rotated basis when rotated)."""
+    if in_range is None:
+        return grad
+    if hadamard_size:
+        rotated = hadamard_rotate(grad.float(), hadamard_size) * in_range
+        return hadamard_rotate(rotated, hadamard_size).to(grad.dtype)
+    return grad * in_range
+
+
+class _Backward(NamedTuple):
+    """What the backward of one QuantLinear call needs besides the saved tensors: how to quantize
+    the output gradient G for each GEMM that consumes it, and the rotations of W's and X's masks.
+    """
+
+    dgrad: QuantSpec  # G in dX = G W_q: groups along out_features, this GEMM's reduction
+    wgrad: QuantSpec  # G^T in dW = G^T X_q: groups along the tokens, this GEMM's reduction
+    streams: RoundingStreams
+    input_hadamard: int
+    weight_hadamard: int
+
+
+def _quantize_operand(t: torch.Tensor, spec: QuantSpec, streams: RoundingStreams) -> torch.Tensor:
+    generator = streams.generator(t.device) if spec.stochastic else None
+    return fake_quantize(t, spec, generator)
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """The three GEMMs of a linear layer on fake-quantized operands.
+
+    forward  Y  = X_q W_q^T + b
+    dgrad    dX = q_dgrad(G) W_q, then X's straight-through estimator
+    wgrad    dW = q_wgrad(G)^T X_q, then W's straight-through estimator
+    bias     db = sum of G over the tokens (a reduction, no GEMM: G unquantized)
+
+    G is (tokens, out_features) with the leading dims flattened. Each GEMM quantizes its
+    operand along its own reduction dimension: out_features for dgrad, the tokens for wgrad.
+    W_q and X_q are quantized by the caller, outside this Function, so that a stochastic
+    forward's noise draws (kept out of compiled graphs) do not take the GEMMs with them. The
+    GEMMs run in the autocast dtype when autocast is on, like F.linear, and gradients are
+    returned in the dtypes of X, W and b.
+    """
 
     @staticmethod
-    def forward(ctx, x, quantized, in_range, hadamard_size):
-        ctx.hadamard_size = hadamard_size
-        ctx.save_for_backward(in_range)
-        return quantized
+    def forward(ctx, input, weight, bias, input_q, weight_q, input_in_range, weight_in_range, plan):
+        device_type = input_q.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else input_q.dtype
+        )
+        input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
+        ctx.save_for_backward(input_q, weight_q, input_in_range, weight_in_range)
+        ctx.plan = plan
+        ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return F.linear(input_q, weight_q, None if bias is None else bias.to(dtype))
 
     @staticmethod
-    def backward(ctx, grad):
-        (in_range,) = ctx.saved_tensors
-        if in_range is None:
-            return grad, None, None, None
-        if ctx.hadamard_size:
-            rotated = hadamard_rotate(grad.float(), ctx.hadamard_size) * in_range
-            return hadamard_rotate(rotated, ctx.hadamard_size).to(grad.dtype), None, None, None
-        return grad * in_range, None, None, None
-
-
-class _QuantizeGradient(torch.autograd.Function):
-    """Identity forward; fake-quantizes the incoming output gradient G before both backward
-    GEMMs (dX = q(G) W_q, dW = q(G)^T X_q)."""
-
-    @staticmethod
-    def forward(ctx, output, spec, streams):
-        ctx.spec, ctx.streams = spec, streams
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        generator = ctx.streams.generator(grad.device) if ctx.spec.stochastic else None
-        return fake_quantize(grad, ctx.spec, generator), None, None
+    def backward(ctx, grad_output):
+        input_q, weight_q, input_in_range, weight_in_range = ctx.saved_tensors
+        plan = ctx.plan
+        input_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_dgrad = _quantize_operand(grad, plan.dgrad, plan.streams)
+            grad_input = (grad_dgrad @ weight_q).reshape(input_q.shape)
+            grad_input = _straight_through(grad_input, input_in_range, plan.input_hadamard)
+            grad_input = grad_input.to(input_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_wgrad_t = _quantize_operand(grad.t(), plan.wgrad, plan.streams)
+            grad_weight = grad_wgrad_t @ input_q.reshape(-1, input_q.shape[-1])
+            grad_weight = _straight_through(grad_weight, weight_in_range, plan.weight_hadamard)
+            grad_weight = grad_weight.to(weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0).to(bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 class QuantLinear(nn.Linear):
@@ -130,9 +177,9 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if estimator not in ESTIMATORS:
             raise QuantConfigError(f"quant estimator={estimator!r} must be one of {ESTIMATORS}")
-        self.weight_spec = (weight_spec or QuantSpec()).validate("weight")
-        self.activation_spec = (activation_spec or QuantSpec()).validate("activation")
-        self.gradient_spec = (gradient_spec or QuantSpec()).validate("gradient")
+        self.weight_spec = (weight_spec or QuantSpec()).validate("weight").resolved()
+        self.activation_spec = (activation_spec or QuantSpec()).validate("activation").resolved()
+        self.gradient_spec = (gradient_spec or QuantSpec()).validate("gradient").resolved()
         self.estimator = estimator
         self.streams = streams or RoundingStreams()
 
@@ -148,27 +195,43 @@ class QuantLinear(nn.Linear):
         layer.train(linear.training)
         return layer
 
-    def _quantize(self, tensor: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
+    def _active(self, spec: QuantSpec) -> QuantSpec:
+        """`spec` as this call applies it: round-to-nearest in eval mode, so that evaluation is
+        deterministic and never advances the rounding streams (training noise does not
+        depend on how often one evaluates)."""
+        if spec.stochastic and not self.training:
+            return replace(spec, stochastic=False)
+        return spec
+
+    def _quantize(self, tensor: torch.Tensor, spec: QuantSpec):
+        """(fake-quantized detached tensor, in-range mask for the clipped STE or None)."""
+        tensor = tensor.detach()
         if not spec.enabled:
-            return tensor
+            return tensor, None
+        spec = self._active(spec)
         generator = self.streams.generator(tensor.device) if spec.stochastic else None
-        clipped = self.estimator == "clipped_ste"
         with torch.no_grad():
-            quantized, in_range = quantize_with_mask(tensor.detach(), spec, generator, clipped)
-        if not tensor.requires_grad:
-            return quantized
-        if is_weight and spec.format.endswith("_official"):
-            # The official layer's STE, kept op for op: its forward value is (q + w) - w.
-            return quantized + tensor - tensor.detach()
-        return _StraightThrough.apply(tensor, quantized, in_range, spec.hadamard_size)
+            return quantize_with_mask(tensor, spec, generator, self.estimator == "clipped_ste")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self._quantize(self.weight, self.weight_spec, is_weight=True)
-        activation = self._quantize(input, self.activation_spec, is_weight=False)
-        output = F.linear(activation, weight, self.bias)
-        if self.gradient_spec.enabled and output.requires_grad:
-            output = _QuantizeGradient.apply(output, self.gradient_spec, self.streams)
-        return output
+        weight_q, weight_in_range = self._quantize(self.weight, self.weight_spec)
+        if self.weight_spec.format.endswith("_official"):
+            # The official layer's STE `q + w - w.detach()`, kept op for op: its forward value
+            # is (q + w) - w; its gradient passes straight through.
+            with torch.no_grad():
+                weight_q = (weight_q + self.weight) - self.weight
+        input_q, input_in_range = self._quantize(input, self.activation_spec)
+        gradient_spec = self._active(self.gradient_spec)
+        plan = _Backward(
+            dgrad=gradient_spec,
+            wgrad=gradient_spec,
+            streams=self.streams,
+            input_hadamard=self.activation_spec.hadamard_size,
+            weight_hadamard=self.weight_spec.hadamard_size,
+        )
+        return _QuantLinearFunction.apply(
+            input, self.weight, self.bias, input_q, weight_q, input_in_range, weight_in_range, plan
+        )
 
     def extra_repr(self) -> str:
         return (

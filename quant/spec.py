@@ -5,7 +5,7 @@ validation, so a spec that passes `validate()` is one `fake_quantize` can run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 
@@ -16,15 +16,19 @@ class QuantConfigError(ValueError):
 FORMATS = ("none", "int4", "int8", "fp4", "mxfp4", "nvfp4", "int4_official", "fp4_official")
 GROUPINGS = ("k", "flat")
 
-DEFAULT_GROUP_SIZE = {
-    "int4": 128,
-    "int8": 128,
-    "fp4": 32,
-    "mxfp4": 32,
-    "nvfp4": 16,
-    "int4_official": 256,
-    "fp4_official": 256,
+# What a field left at None means, per format: the settings configs/quant/<format>.yaml relies
+# on. The official formats default to the official code's flattened groups of 256 with the top-2
+# |x| kept (no outliers for the asymmetric official weight quantizer, which has no absmax).
+FORMAT_DEFAULTS = {
+    "int4": {"group_size": 128},
+    "int8": {"group_size": 128},
+    "fp4": {"group_size": 32},
+    "mxfp4": {"group_size": 32},
+    "nvfp4": {"group_size": 16},
+    "int4_official": {"group_size": 256, "grouping": "flat", "outlier_topk": 2},
+    "fp4_official": {"group_size": 256, "grouping": "flat", "outlier_topk": 2},
 }
+GENERIC_DEFAULTS = {"group_size": -1, "grouping": "k", "outlier_topk": 0}
 # Block sizes fixed by the format definitions (OCP MX v1.0; NVIDIA NVFP4).
 FIXED_GROUP_SIZE = {"mxfp4": 32, "nvfp4": 16}
 INT_BITS = {"int4": 4, "int8": 8}
@@ -34,9 +38,12 @@ INT_BITS = {"int4": 4, "int8": 8}
 class QuantSpec:
     """How to fake-quantize one tensor.
 
+    Fields left at None take the format's default (FORMAT_DEFAULTS, see `resolved`), so
+    `QuantSpec("fp4_official")` is the official quantizer, as `quant=fp4_official` is.
+
     format: one of FORMATS ("none" leaves the tensor untouched).
-    group_size: elements sharing one scale; None = the format's default, -1 = a whole row
-        (per output channel / per token). Fixed at 32 for mxfp4 and 16 for nvfp4.
+    group_size: elements sharing one scale; -1 = a whole row (per output channel / per
+        token). Fixed at 32 for mxfp4 and 16 for nvfp4.
     symmetric: integer formats only; False = min/max with a zero point (levels 0..2^b-1).
     stochastic: stochastic rounding (unbiased) instead of round-to-nearest-even.
     grouping: "k" = groups of consecutive elements along the last (reduction) dimension;
@@ -55,9 +62,9 @@ class QuantSpec:
     group_size: Optional[int] = None
     symmetric: bool = True
     stochastic: bool = False
-    grouping: str = "k"
+    grouping: Optional[str] = None
     block_2d: bool = False
-    outlier_topk: int = 0
+    outlier_topk: Optional[int] = None
     hadamard_size: int = 0
     narrow_range: bool = True
 
@@ -65,11 +72,13 @@ class QuantSpec:
     def enabled(self) -> bool:
         return self.format != "none"
 
-    @property
-    def resolved_group_size(self) -> int:
-        if self.group_size is None:
-            return DEFAULT_GROUP_SIZE.get(self.format, -1)
-        return self.group_size
+    def resolved(self) -> "QuantSpec":
+        """This spec with every None field replaced by the format's default."""
+        defaults = {**GENERIC_DEFAULTS, **FORMAT_DEFAULTS.get(self.format, {})}
+        if not self.symmetric:
+            defaults["outlier_topk"] = 0  # outliers are kept relative to an absmax scale
+        fill = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        return replace(self, **fill) if fill else self
 
     def validate(self, role: str = "spec") -> "QuantSpec":
         """Raise QuantConfigError with one clear message for any impossible combination."""
@@ -81,29 +90,30 @@ class QuantSpec:
             fail(f"format={self.format!r} is not one of {', '.join(FORMATS)}")
         if not self.enabled:
             return self
-        if self.grouping not in GROUPINGS:
-            fail(f"grouping={self.grouping!r} must be 'k' (along the reduction dim) or 'flat'")
-        size = self.resolved_group_size
+        spec = self.resolved()
+        if spec.grouping not in GROUPINGS:
+            fail(f"grouping={spec.grouping!r} must be 'k' (along the reduction dim) or 'flat'")
+        size = spec.group_size
         if size == 0 or size < -1:
             fail(f"group_size={size} must be a positive integer or -1 (whole row)")
-        fixed = FIXED_GROUP_SIZE.get(self.format)
+        fixed = FIXED_GROUP_SIZE.get(spec.format)
         if fixed is not None and size != fixed:
-            fail(f"format={self.format} uses blocks of {fixed} by definition; got group_size={size}")
-        if self.block_2d and (self.grouping != "k" or size == -1):
+            fail(f"format={spec.format} uses blocks of {fixed} by definition; got group_size={size}")
+        if spec.block_2d and (spec.grouping != "k" or size == -1):
             fail("block_2d needs grouping='k' and a positive group_size")
-        if self.outlier_topk < 0:
-            fail(f"outlier_topk={self.outlier_topk} must be >= 0")
-        if self.outlier_topk and size != -1 and self.outlier_topk >= size:
-            fail(f"outlier_topk={self.outlier_topk} must be smaller than group_size={size}")
-        if self.outlier_topk and not self.symmetric:
+        if spec.outlier_topk < 0:
+            fail(f"outlier_topk={spec.outlier_topk} must be >= 0")
+        if spec.outlier_topk and size != -1 and spec.outlier_topk >= size:
+            fail(f"outlier_topk={spec.outlier_topk} must be smaller than group_size={size}")
+        if spec.outlier_topk and not spec.symmetric:
             fail("outlier_topk needs a symmetric (absmax-scaled) format")
-        if not self.symmetric and self.format not in ("int4", "int8", "int4_official"):
-            fail(f"symmetric=false is only defined for integer formats, not {self.format}")
-        if self.format == "int4_official" and not self.symmetric and self.stochastic:
+        if not spec.symmetric and spec.format not in ("int4", "int8", "int4_official"):
+            fail(f"symmetric=false is only defined for integer formats, not {spec.format}")
+        if spec.format == "int4_official" and not spec.symmetric and spec.stochastic:
             fail("the official INT4 weight quantizer has no stochastic rounding")
-        if self.format == "fp4_official" and self.stochastic:
+        if spec.format == "fp4_official" and spec.stochastic:
             fail("the official FP4 quantizer has no stochastic rounding; use format=fp4")
-        h = self.hadamard_size
+        h = spec.hadamard_size
         if h < 0 or (h and h & (h - 1)):
             fail(f"hadamard_size={h} must be 0 (off) or a power of two")
         return self
@@ -112,17 +122,18 @@ class QuantSpec:
         """Short human-readable form for the run log, e.g. 'g128,sym,RTN'."""
         if not self.enabled:
             return "bf16"
-        size = self.resolved_group_size
-        parts = [self.format, "row" if size == -1 else f"g{size}"]
-        if self.grouping == "flat":
+        spec = self.resolved()
+        size = spec.group_size
+        parts = [spec.format, "row" if size == -1 else f"g{size}"]
+        if spec.grouping == "flat":
             parts.append("flat")
-        if self.block_2d:
+        if spec.block_2d:
             parts.append(f"{size}x{size}")
-        if self.format in ("int4", "int8", "int4_official"):
-            parts.append("sym" if self.symmetric else "asym")
-        if self.outlier_topk:
-            parts.append(f"top{self.outlier_topk}")
-        if self.hadamard_size:
-            parts.append(f"H{self.hadamard_size}")
-        parts.append("SR" if self.stochastic else "RTN")
+        if spec.format in ("int4", "int8", "int4_official"):
+            parts.append("sym" if spec.symmetric else "asym")
+        if spec.outlier_topk:
+            parts.append(f"top{spec.outlier_topk}")
+        if spec.hadamard_size:
+            parts.append(f"H{spec.hadamard_size}")
+        parts.append("SR" if spec.stochastic else "RTN")
         return ",".join(parts)

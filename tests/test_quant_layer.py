@@ -70,17 +70,56 @@ def test_clipped_ste_zeroes_gradient_of_clipped_inputs():
     assert torch.equal(x.grad, expected)
 
 
-def test_gradient_quantization_applies_to_output_gradient():
+@pytest.mark.parametrize(
+    "dtype,bias,lead",
+    [(torch.float32, True, (12,)), (torch.float32, False, (2, 6)), (torch.bfloat16, True, (2, 6))],
+)
+def test_three_gemms_match_a_per_gemm_reference(dtype, bias, lead):
     torch.manual_seed(0)
-    linear = nn.Linear(32, 64, bias=False)
-    grad_spec = QuantSpec("int4", group_size=32)
-    layer = QuantLinear.from_linear(linear, gradient_spec=grad_spec)
-    x = torch.randn(6, 32, requires_grad=True)
-    grad_out = torch.randn(6, 64)
-    layer(x).backward(grad_out)
-    g_q = fake_quantize(grad_out, grad_spec)
-    assert torch.allclose(x.grad, g_q @ linear.weight.detach(), atol=1e-5)
-    assert torch.allclose(linear.weight.grad, g_q.t() @ x.detach(), atol=1e-5)
+    linear = nn.Linear(32, 48, bias=bias).to(dtype)
+    w_spec, a_spec = QuantSpec("int4", group_size=16), QuantSpec("mxfp4")
+    g_spec = QuantSpec("int4", group_size=8)  # 12 tokens: a full group and a partial one
+    layer = QuantLinear.from_linear(linear, weight_spec=w_spec, activation_spec=a_spec,
+                                    gradient_spec=g_spec)
+    x = torch.randn(*lead, 32, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(*lead, 48, dtype=dtype)
+    out = layer(x)
+    out.backward(grad_out)
+
+    # Reference: each GEMM's operands quantized along that GEMM's reduction dimension.
+    w_q = fake_quantize(linear.weight.detach(), w_spec)  # (out, in) along in
+    x_q = fake_quantize(x.detach().reshape(12, 32), a_spec)  # (tokens, in) along in
+    g = grad_out.reshape(12, 48)
+    g_dgrad = fake_quantize(g, g_spec)  # (tokens, out) along out
+    g_wgrad = fake_quantize(g.t().contiguous(), g_spec)  # (out, tokens) along tokens
+    expected_out = x_q @ w_q.t() + (linear.bias.detach() if bias else 0)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(out.detach().reshape(12, 48), expected_out.to(dtype), **tol)
+    torch.testing.assert_close(x.grad.reshape(12, 32), g_dgrad @ w_q, **tol)
+    torch.testing.assert_close(linear.weight.grad, g_wgrad @ x_q, **tol)
+    if bias:
+        torch.testing.assert_close(linear.bias.grad, g.sum(0), **tol)  # unquantized G
+    assert x.grad.dtype == linear.weight.grad.dtype == dtype
+
+
+def test_wgrad_quantizes_gradient_groups_along_tokens():
+    # Token 0 has a large gradient on every output. Grouped along the tokens (wgrad), each
+    # output channel's scale is 100/7, so token 1's small entries round to zero; grouped along
+    # out_features (dgrad), token 1 has its own scale and survives.
+    g = torch.tensor([[100.0, 100.0, 100.0], [1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    spec = QuantSpec("int4", group_size=-1)
+    layer = QuantLinear(3, 3, bias=False, gradient_spec=spec)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(3))
+    x = torch.eye(3, requires_grad=True)  # tokens x in_features, so dW = q_wgrad(G)^T
+    layer(x).backward(g)
+    along_tokens = fake_quantize(g.t(), spec)
+    along_out = fake_quantize(g, spec).t()
+    assert not torch.equal(along_tokens, along_out)
+    assert torch.equal(layer.weight.grad, along_tokens)
+    assert torch.equal(layer.weight.grad[:, 1], torch.zeros(3))
+    assert torch.equal(x.grad, fake_quantize(g, spec))  # dX = q_dgrad(G) W, W = I
+    assert torch.all(x.grad[1] != 0)
 
 
 def test_official_weight_ste_is_the_official_expression():
@@ -234,3 +273,50 @@ def test_typo_or_bad_value_fails_with_hydra_or_clear_message(quant_hydra):
         build_converter(compose(config_name="int4", overrides=["weight.format=nf4"]))
     with pytest.raises(QuantConfigError, match="estimator"):
         build_converter(compose(config_name="int4", overrides=["estimator=lsq"]))
+
+
+def test_eval_rounds_to_nearest_and_leaves_the_streams_alone():
+    model, converter = _tiny_model(), build_converter(_sr_config())
+    converter.convert(model)
+    converter.seed(1234, rank=0)
+    reference = _tiny_model()  # same weights, round-to-nearest everywhere
+    rtn = _load("int4")
+    rtn.gradient = {"format": "int8"}
+    build_converter(rtn).convert(reference)
+    ids = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def streams_state():
+        return converter.streams.state_dict()["generator_states"]["cpu"]
+
+    model.train()
+    model(input_ids=ids)  # creates the CPU stream, advances it
+    before = streams_state()
+    model.eval()
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(streams_state(), before)
+    assert torch.equal(first, second)
+    assert torch.equal(first, reference.eval()(input_ids=ids).logits)
+    model.train()
+    model(input_ids=ids)
+    assert not torch.equal(streams_state(), before)
+
+
+@pytest.mark.parametrize("name", ["int4", "int8", "fp4", "mxfp4", "nvfp4", "int4_official", "fp4_official"])
+def test_python_spec_defaults_are_the_yaml_configs(name, quant_hydra):
+    cfg = quant.converter.to_quant_config(compose(config_name=name))
+    # The yamls' only role-specific choices: the official asymmetric weight quantizer and
+    # NVFP4's 16x16 weight tiles (NVIDIA's recipe; activations use 1x16 blocks).
+    weight = {"int4_official": QuantSpec(name, symmetric=False),
+              "nvfp4": QuantSpec(name, block_2d=True)}.get(name, QuantSpec(name))
+    assert cfg.weight.resolved() == weight.resolved()
+    assert cfg.activation.resolved() == QuantSpec(name).resolved()
+
+
+def test_official_format_defaults_are_the_official_layout():
+    for spec in (QuantSpec("fp4_official"), QuantSpec("int4_official")):
+        resolved = spec.resolved()
+        assert (resolved.group_size, resolved.grouping, resolved.outlier_topk) == (256, "flat", 2)
+    assert QuantSpec("int4_official", symmetric=False).resolved().outlier_topk == 0
+    assert QuantSpec("fp4_official").summary() == "fp4_official,g256,flat,top2,RTN"
+    assert QuantSpec("int4").resolved() == QuantSpec("int4", group_size=128, grouping="k", outlier_topk=0)
