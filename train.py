@@ -33,6 +33,7 @@ from trainer.metrics import device_peak_flops, peak_memory_gib
 from trainer.reporting import METRICS_FILE, Reporter, resolve_wandb_mode
 from trainer.runtime import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, finish, resolve_run_dir
 from trainer.schedule import WarmupDecay, set_learning_rates
+from trainer.instruments import quantization_sqnr
 from trainer.spikes import SpikeDetector
 from trainer.step import NonFiniteLossError, RunningTotals, nonfinite, target_count, token_loss_sum, train_step
 
@@ -291,6 +292,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             }, console=True)
             window_start, paused = time.perf_counter(), 0.0
         interrupted = time.perf_counter()
+        if logging_step and tcfg.quant_error_every and step % tcfg.quant_error_every < tcfg.log_every:
+            reporter.log(step, quantization_sqnr(accelerator.unwrap_model(model), micro_batches[0]), console=False)
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
             val_loss = evaluate(model, val_batches, accelerator)
             results["val_loss"] = val_loss

@@ -233,6 +233,21 @@ class QuantLinear(nn.Linear):
             input, self.weight, self.bias, input_q, weight_q, input_in_range, weight_in_range, plan
         )
 
+    @torch.no_grad()
+    def quantization_sqnr(self, input: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Signal-to-quantization-noise ratio in dB (0-dim device tensors, no host sync) of the weight
+        and, when given, of an input, each quantized with round-to-nearest, so measuring never draws
+        from the rounding streams. Keys: "weight", "activation" (for the formats that are enabled)."""
+        measured = {}
+        for key, tensor, spec in (("weight", self.weight, self.weight_spec), ("activation", input, self.activation_spec)):
+            if tensor is None or not spec.enabled:
+                continue
+            signal = tensor.detach().float()
+            quantized = fake_quantize(tensor.detach(), replace(spec, stochastic=False)).float()
+            noise = (signal - quantized).square().sum()
+            measured[key] = 10 * torch.log10(signal.square().sum() / noise.clamp_min(torch.finfo(torch.float32).tiny))
+        return measured
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, W={self.weight_spec.summary()}, "

@@ -97,3 +97,15 @@ def test_evaluation_frequency_does_not_change_a_stochastic_rounding_run(tmp_path
     train.train(tiny_config(tmp_path / "rarely", *stochastic, "trainer.eval_every=100"))
     assert logged(tmp_path / "often", "loss") == logged(tmp_path / "rarely", "loss")
     assert len(logged(tmp_path / "often", "val_loss")) == 6
+
+
+def test_quantization_error_is_logged_per_layer_without_changing_the_run(tmp_path, tiny_config):
+    stochastic = ["quant=int4", "quant.activation.stochastic=true", "checkpoint.every=0"]
+    train.train(tiny_config(tmp_path / "measured", *stochastic, "trainer.quant_error_every=2"))
+    train.train(tiny_config(tmp_path / "plain", *stochastic, "trainer.quant_error_every=0"))
+    assert logged(tmp_path / "measured", "loss") == logged(tmp_path / "plain", "loss")
+    sqnr = [r for r in records(tmp_path / "measured") if "sqnr_weight_mean" in r]
+    assert [r["step"] for r in sqnr] == [2, 4, 6]
+    layers = [k for k in sqnr[0] if k.startswith("sqnr/") and k.endswith("/weight")]
+    assert len(layers) == 14 and "sqnr/model.layers.0.self_attn.q_proj/activation" in sqnr[0]
+    assert all(10 < r["sqnr_weight_mean"] < 30 for r in sqnr), "INT4 with g128 keeps about 4-5 bits of signal"

@@ -42,6 +42,9 @@ class TrainerConfig:
     the mean of the last spike_window accepted steps (decided on the device; applying it reads one flag per step)."""
     spike_z: float = 6.0
     spike_window: int = 100
+    quant_error_every: int = 100
+    """Log each quantized layer's weight and activation SQNR on the first logging step at or after
+    every multiple of N (0 = never): one extra eval-mode forward of a micro-batch."""
     cpu: bool = False
     """Force CPU even when a GPU is visible."""
 
@@ -125,6 +128,8 @@ def check_run_config(cfg: Any, world_size: int) -> int:
         )
     if t.spike_policy not in SPIKE_POLICIES:
         raise ConfigError(f"trainer.spike_policy={t.spike_policy!r}: choose one of {', '.join(SPIKE_POLICIES)}")
+    if t.quant_error_every < 0:
+        raise ConfigError(f"trainer.quant_error_every={t.quant_error_every} must be >= 0 (0 = never)")
     if t.spike_z <= 0:
         raise ConfigError(f"trainer.spike_z={t.spike_z} must be > 0")
     for key, value in (("trainer.log_every", t.log_every), ("trainer.eval_every", t.eval_every),
