@@ -91,7 +91,7 @@ def test_the_report_lists_every_run_that_is_not_finished_and_every_config_mismat
     text = (study_dir / "report.md").read_text()
     section = text.split("## Missing or unfinished runs")[1].split("## Runs")[0]
     assert "- `a-y-s1`: unfinished: step 6 of 10" in section
-    assert "- `b-x-s0`: diverged after step 4: non-finite loss or gradient norm at step 5" in section
+    assert "- `b-x-s0`: diverged (last logged step 4): non-finite loss or gradient norm at step 5" in section
     assert "- `b-y-s0`: missing (no config.yaml)" in section
     assert "- `b-y-s1`: config mismatch: optimizer.lr is 0.002, the study says 0.003" in section
     assert "a-x-s0" not in section

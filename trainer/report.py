@@ -59,7 +59,7 @@ class RunRecord:
         if self.status == "missing":
             return "missing (no config.yaml)"
         if self.status == "diverged":
-            return f"diverged after step {self.last_step}: {self.diverged}"
+            return f"diverged (last logged step {self.last_step}): {self.diverged}"
         if self.status == "unfinished":
             return f"unfinished: step {self.last_step} of {self.max_steps}"
         return "done"
@@ -365,10 +365,10 @@ def _plain_log_ticks(ax, axis: str = "y") -> None:
 
 
 def _finish(fig, path: Path, title: str, handles: dict[str, Any]) -> None:
-    rows = math.ceil(len(handles) / 4) if handles else 0
+    ncol = max(1, min(len(handles), 4, int(fig.get_figwidth() / 2.3)))  # legend entries that fit across
+    rows = math.ceil(len(handles) / ncol) if handles else 0
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4),
-                   fontsize=9, frameon=False)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, min(0.3, 0.05 * rows + 0.02 * bool(rows)) if rows else 0, 1, 0.95))
     fig.savefig(path, dpi=100)
@@ -423,7 +423,7 @@ def _lr_figure(study: Study, records: dict[str, RunRecord], path: Path) -> None:
         if record.status in ("done", "diverged"):
             key = f"{record.setting('quant.name')} quant, {record.setting('model.name')}"
             groups.setdefault(key, []).append(run)
-    fig, axes = _panels(plt, max(len(groups), 1))
+    fig, axes = _panels(plt, max(len(groups), 1), width=6.0)
     handles: dict[str, Any] = {}
     for ax, (key, runs) in zip(axes, sorted(groups.items())):
         diverged: list[tuple[float, str]] = []

@@ -346,11 +346,11 @@ def run_one(cfg: DictConfig) -> dict[str, Any]:
 
     train = _train_module()
     run_dir, name = Path(cfg.run_dir), cfg.logging.run_name
-    main_process = int(os.environ.get("RANK", "0")) == 0
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         import submitit
 
-        submitit.helpers.TorchDistributedEnvironment().export()
+        submitit.helpers.TorchDistributedEnvironment().export()  # one task per GPU: accelerate reads it
+    main_process = int(os.environ.get("RANK", "0")) == 0
     displaced = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     print(f"=== study run {name} -> {run_dir}", flush=True)
     try:
