@@ -282,7 +282,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             grad_norm = window["grad_norm"]
             reporter.log(step, {
                 "loss": window["loss"], "ppl": math.exp(min(window["loss"], 50.0)), "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": grad_norm, "grad_norm_max": window["grad_norm_max"],
                 "grad_norm_clipped": min(grad_norm, tcfg.grad_clip) if tcfg.grad_clip else grad_norm,
                 "tokens_seen": window["tokens_seen"], "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops and tokens_per_s else None,

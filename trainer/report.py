@@ -283,8 +283,8 @@ def write_report(study: Study, records: dict[str, RunRecord], out_dir: Path) -> 
     parts += ["## Figures", "",
               "![validation perplexity](val_ppl.png)", "",
               "![training loss](train_loss.png)", "",
-              "Gradient norm before clipping, logged at the last step of each logging window "
-              "(`trainer.log_every`):", "", "![gradient norm](grad_norm.png)", "",
+              "Gradient norm before clipping, the largest of each logging window "
+              "(`trainer.log_every`; runs that logged no window maximum show the window's last step):", "", "![gradient norm](grad_norm.png)", "",
               "![final perplexity against learning rate](ppl_vs_lr.png)", "",
               "![throughput and wall clock](throughput.png)", ""]
     report = out_dir / REPORT
@@ -488,6 +488,7 @@ def draw_figures(study: Study, records: dict[str, RunRecord], out_dir: Path) -> 
             lambda r: [(row["step"], row["loss"]) for row in r.train if row.get("loss") is not None],
             log_y=False, late_range=True)
     _curves(study, records, out_dir / "grad_norm.png", "Gradient norm before clipping", "gradient norm",
-            lambda r: [(row["step"], row["grad_norm"]) for row in r.train if row.get("grad_norm")], log_y=True)
+            lambda r: [(row["step"], row.get("grad_norm_max", row["grad_norm"])) for row in r.train
+                       if row.get("grad_norm")], log_y=True)
     _lr_figure(study, records, out_dir / "ppl_vs_lr.png")
     _throughput_figure(study, records, out_dir / "throughput.png")

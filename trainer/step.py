@@ -116,12 +116,14 @@ class RunningTotals:
         self.tokens_seen = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+        self.window_grad_norm_max = torch.zeros((), dtype=torch.float32, device=device)
 
     def add(self, out: StepOutput, step: int) -> None:
         """Account one step (`step`: its 1-based number); skipped updates still count their tokens."""
         self.tokens_seen += out.targets
         self.window_tokens += out.targets
         self.last_grad_norm.copy_(out.grad_norm)
+        torch.maximum(self.window_grad_norm_max, out.grad_norm.float(), out=self.window_grad_norm_max)
         if out.stepped:
             self.window_loss += out.loss
             self.window_steps += 1
@@ -141,7 +143,9 @@ class RunningTotals:
             "window_tokens": int(self.window_tokens),
             "tokens_seen": int(self.tokens_seen),
             "grad_norm": float(self.last_grad_norm),
+            "grad_norm_max": float(self.window_grad_norm_max),
         }
+        self.window_grad_norm_max.zero_()
         self.window_loss.zero_()
         self.window_steps.zero_()
         self.window_tokens.zero_()
