@@ -7,6 +7,7 @@ schemas, checkpoints, the step, reporting and schedules live in `trainer/`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -248,8 +249,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         lr = set_learning_rates(optimizer, base_lrs, schedule(step))
         micro_batches = [{k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
                          for _ in range(accum_steps)]
-        out = train_step(model, optimizer, micro_batches, accelerator, grad_clip=tcfg.grad_clip,
-                         skip_if=skip_if if skipping else None)
+        will_log = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.max_steps
+        transforms = stablespam.TransformStats(accelerator.device) if will_log else None  # what the stabilizers did
+        with stablespam.recording(transforms) if transforms else contextlib.nullcontext():
+            out = train_step(model, optimizer, micro_batches, accelerator, grad_clip=tcfg.grad_clip,
+                             skip_if=skip_if if skipping else None)
         if not out.stepped:
             reason = "non-finite loss/gradient" if not bool(out.finite) else "loss/grad-norm spike"
             skipped_in_a_row += 1
@@ -288,7 +292,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "mfu": tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops and tokens_per_s else None,
                 "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_steps": loop["skipped_steps"],
                 "spike_skips": loop["spike_skips"],
-                "data_skipped_lines": train_loader.skipped_lines,
+                "data_skipped_lines": train_loader.skipped_lines, **(transforms.read() if transforms else {}),
             }, console=True)
             window_start, paused = time.perf_counter(), 0.0
         interrupted = time.perf_counter()

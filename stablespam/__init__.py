@@ -26,6 +26,7 @@ from stablespam.resume import GROUP_STATE_KEYS, load_state_keeping_hyperparamete
 from stablespam.spam import SPAM
 from stablespam.stabilizers import AdaClip, AdaGN, GradientStabilizer, GSNorm, MoRet, SpikeClip, Stabilized
 from stablespam.stable_spam import StableSPAM
+from stablespam.transforms import TransformStats, recording
 
 __all__ = [
     "GROUP_STATE_KEYS",
@@ -49,8 +50,10 @@ __all__ = [
     "Stabilized",
     "StableSPAM",
     "StableSPAMConfig",
+    "TransformStats",
     "build_optimizer",
     "load_state_keeping_hyperparameters",
+    "recording",
     "register_configs",
     "validate_config",
 ]

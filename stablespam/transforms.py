@@ -19,8 +19,51 @@ base optimizer, so both share one implementation of each mechanism.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+
+class TransformStats:
+    """What the gradient transforms did during the steps taken inside `recording(stats)`, as device
+    tensors (no host sync): entries clipped by AdaClip and by SPAM's SpikeClip, tensors whose
+    gradient AdaGN or GradientStabilizer scaled down, and the tensors each of them saw."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        counters = torch.zeros(6, dtype=torch.int64, device=device).unbind(0)
+        self.adaclip_clipped, self.adaclip_entries, self.spike_clipped, self.spike_entries = counters[:4]
+        self.norm_scaled_down, self.norm_tensors = counters[4:]
+
+    def read(self) -> dict[str, float | int]:
+        """Host values (one sync) of the mechanisms that ran; the loop logs them."""
+        values: dict[str, float | int] = {}
+        if int(self.adaclip_entries):
+            values["adaclip_clipped_entries"] = int(self.adaclip_clipped)
+        if int(self.spike_entries):
+            values["spike_clipped_entries"] = int(self.spike_clipped)
+        if int(self.norm_tensors):
+            values["norm_scaled_down_fraction"] = int(self.norm_scaled_down) / int(self.norm_tensors)
+        return values
+
+
+_recording: TransformStats | None = None
+
+
+@contextmanager
+def recording(stats: TransformStats) -> Iterator[TransformStats]:
+    """Count into `stats` what the transforms do inside the block (eager steps only: a compiled
+    optimizer step is not counted)."""
+    global _recording
+    _recording = stats
+    try:
+        yield stats
+    finally:
+        _recording = None
+
+
+def _stats() -> TransformStats | None:
+    return None if torch.compiler.is_compiling() else _recording
 
 
 def momentum_scale(step: int, total_steps: int | None, eta_min: float, clamp: bool) -> float:
@@ -60,6 +103,9 @@ def adaclip_(
     keep_scale = 1.0 - ratio
     for factor, thr, r, k in zip(workspace, threshold.unbind(0), ratio.unbind(0), keep_scale.unbind(0)):
         factor.le_(thr).mul_(k).add_(r)
+    if (stats := _stats()) is not None:
+        stats.adaclip_clipped += sum((factor < 1).sum() for factor in workspace)
+        stats.adaclip_entries += sum(g.numel() for g in grads)
     torch._foreach_mul_(grads, workspace)
     return threshold
 
@@ -84,6 +130,9 @@ def adagn_(
     norm_sq_ema.lerp_(norms * norms, 1.0 - gamma2)
     target = (norm_ema / bias_correction1) / ((norm_sq_ema / bias_correction2).sqrt() + eps)
     factor = torch.where(norms > 0, target / norms, 1.0)
+    if (stats := _stats()) is not None:
+        stats.norm_scaled_down += (factor < 1).sum()
+        stats.norm_tensors += len(grads)
     torch._foreach_mul_(grads, list(factor.unbind(0)))
     return target
 
@@ -94,8 +143,12 @@ def spike_clip_(grads: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], thre
     `v` is the optimizer's (uncorrected) second moment before this step's update. That is a clamp of
     g to [-sqrt(threshold * v), sqrt(threshold * v)], done in place with one scratch tensor.
     """
+    stats = _stats()
     for grad, v in zip(grads, exp_avg_sqs):
         bound = (v * threshold).sqrt_()
+        if stats is not None:
+            stats.spike_clipped += (grad.abs() > bound).sum()
+            stats.spike_entries += grad.numel()
         torch.minimum(grad, bound, out=grad)
         torch.maximum(grad, bound.neg_(), out=grad)
 
@@ -131,4 +184,7 @@ def gradient_stabilize_(
         v_hat = norm_sq_ema / (1.0 - torch.pow(gamma2, k))
     target = m_hat / (v_hat.sqrt() + eps)
     factor = torch.where(ok, target / norms.clamp_min(eps), 1.0)
+    if (stats := _stats()) is not None:
+        stats.norm_scaled_down += (factor < 1).sum()
+        stats.norm_tensors += len(grads)
     torch._foreach_mul_(grads, list(factor.unbind(0)))
