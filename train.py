@@ -136,6 +136,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     base_lrs = [group["base_lr"] for group in optimizer.param_groups]
     schedule = WarmupDecay.from_config(tcfg)
     if tcfg.compile:
+        if cfg.quant.name.endswith("_official"):  # the official formats round op by op in bf16
+            torch._inductor.config.emulate_precision_casts = True
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
