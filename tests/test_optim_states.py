@@ -467,6 +467,33 @@ def test_eight_bit_stable_spam_trains_like_fp32_states():
     assert abs(losses[8] - losses[32]) <= math.log(1.02), losses
 
 
+@pytest.mark.usefixtures("keep_signal_handlers")  # train() installs preemption handlers
+def test_train_py_resumes_quantized_states_exactly_and_converts_a_changed_state_bits(tmp_path, tiny_config, capsys):
+    import shutil
+
+    import train
+
+    reference = tmp_path / "reference"
+    train.train(tiny_config(reference, "trainer.max_steps=6", "optimizer.state_bits=8",
+                            "optimizer.reset_interval=3"))
+    resumed = tmp_path / "resumed"  # the reference as it was after step 4
+    shutil.copytree(reference, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    train.train(tiny_config(resumed, "trainer.max_steps=6", "optimizer.state_bits=8", "optimizer.reset_interval=3"))
+    final = [run / "checkpoints" / "step_00000006" for run in (reference, resumed)]
+    assert (final[0] / "model.safetensors").read_bytes() == (final[1] / "model.safetensors").read_bytes()
+    saved = [torch.load(f / "optimizer.pt", weights_only=False)["state"] for f in final]
+    for index, state in saved[0].items():
+        for key, value in state.items():
+            assert not isinstance(value, torch.Tensor) or torch.equal(value, saved[1][index][key]), key
+
+    capsys.readouterr()
+    train.train(tiny_config(reference, "trainer.max_steps=8", "optimizer.state_bits=4", "optimizer.reset_interval=3"))
+    assert "optimizer.state_bits 8 -> 4" in capsys.readouterr().out
+    state = torch.load(reference / "checkpoints" / "step_00000008" / "optimizer.pt", weights_only=False)["state"]
+    assert any("exp_avg_codes" in s for s in state.values())
+
+
 @pytest.mark.gpu
 def test_quantized_step_on_cuda_has_no_host_sync_and_matches_cpu():
     if not torch.cuda.is_available():
@@ -476,10 +503,10 @@ def test_quantized_step_on_cuda_has_no_host_sync_and_matches_cpu():
         torch.manual_seed(0)
         model = build_model(SMALL).to(device)
         opt = StableSPAM(model.parameters(), lr=1e-3, reset_interval=2, state_bits=8)
-        for ids in _batches(3, seed=0):
+        for step, ids in enumerate(_batches(3, seed=0)):
             ids = ids.to(device)
             model(input_ids=ids, labels=ids).loss.backward()
-            if device == "cuda":
+            if device == "cuda" and step > 0:  # the first step copies the code tables to the device
                 torch.cuda.set_sync_debug_mode("error")
             opt.step()
             torch.cuda.set_sync_debug_mode("default")
