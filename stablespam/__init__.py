@@ -4,7 +4,8 @@ GradientStabilizer.
 `build_optimizer(model, cfg, total_steps)` builds any of them from a Hydra `optimizer` node (invalid
 values raise `OptimizerConfigError`); `register_configs(cs)` stores the typed schemas of that group;
 `load_state_keeping_hyperparameters(optimizer, state_dict)` resumes state and counters under the
-current config's hyperparameters.
+current config's hyperparameters. `state_bits=8|4` (adam, adamw, spam, stable_spam) keeps Adam's
+moments as block-wise quantized codes (quantized_state.py, LowBitAdam).
 """
 from stablespam._state import OptimizerConfigError
 from stablespam.adafactor import Adafactor
@@ -22,6 +23,7 @@ from stablespam.factory import (
     validate_config,
 )
 from stablespam.lion import Lion
+from stablespam.low_bit_adam import LowBitAdam
 from stablespam.resume import GROUP_STATE_KEYS, load_state_keeping_hyperparameters
 from stablespam.spam import SPAM
 from stablespam.stabilizers import AdaClip, AdaGN, GradientStabilizer, GSNorm, MoRet, SpikeClip, Stabilized
@@ -42,6 +44,7 @@ __all__ = [
     "GradientStabilizer",
     "Lion",
     "LionConfig",
+    "LowBitAdam",
     "MoRet",
     "OptimizerConfigError",
     "SPAM",

@@ -14,6 +14,9 @@ a hyperparameter); SPAM's `density` applies only to the attention/MLP projection
 trainer); Adam-mini partitions by module role from the parameter names. Every group holds the
 config's learning rate under `base_lr` (the trainer's schedule multiplies it into `lr`).
 
+`state_bits` (adam, adamw, spam, stable_spam): 32 = float moments as before, 8 or 4 = block-wise
+quantized moments (quantized_state.py); adam/adamw then build `LowBitAdam` instead of torch's class.
+
 `build_optimizer` checks every value first and raises `OptimizerConfigError` naming the Hydra key.
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ from stablespam._state import OptimizerConfigError
 from stablespam.adafactor import Adafactor
 from stablespam.adam_mini import AdamMini
 from stablespam.lion import Lion
+from stablespam.low_bit_adam import LowBitAdam
+from stablespam.quantized_state import STATE_BITS
 from stablespam.spam import SPAM
 from stablespam.stabilizers import AdaClip, AdaGN, GradientStabilizer, GSNorm, MoRet, SpikeClip, Stabilized
 from stablespam.stable_spam import MODES, StableSPAM
@@ -80,6 +85,7 @@ class AdamConfig(StabilizerFields):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
+    state_bits: int = 32  # 32 = torch's Adam/AdamW; 8 or 4 = LowBitAdam with block-wise quantized moments
 
 
 @dataclass
@@ -130,6 +136,7 @@ class SPAMConfig(GradientStabilizerFields):
     warmup_steps: int = 150
     clip_delay: int = 20
     mask_seed: int = 0
+    state_bits: int = 32
 
 
 @dataclass
@@ -149,6 +156,7 @@ class StableSPAMConfig(GradientStabilizerFields):
     mode: str = "official"
     fp32_moments: bool = False
     compile: bool = False
+    state_bits: int = 32
 
 
 SCHEMAS: dict[str, type] = {
@@ -245,6 +253,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta1": (lambda v: v is None or _unit(v), "must be null or lie in [0, 1)"),
     "decay_rate": (lambda v: v <= 0, "must be <= 0 (Adafactor's beta2 = 1 - step^decay_rate)"),
     "mode": (lambda v: v in MODES, f"must be one of {', '.join(MODES)}"),
+    "state_bits": (lambda v: v in STATE_BITS, f"must be one of {', '.join(map(str, STATE_BITS))}"),
 }
 
 
@@ -283,6 +292,8 @@ def validate_config(cfg: Any) -> None:
         valid, rule = _RULES[key]
         if not valid(value):
             raise _fail(key, value, rule)
+    if c.get("compile") and c.get("state_bits", 32) != 32:
+        raise _fail("compile", True, "needs optimizer.state_bits=32 (quantized moments are updated eagerly)")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int) -> torch.optim.Optimizer:
@@ -300,6 +311,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int) -> torch
 
 
 def _adam(model: torch.nn.Module, c: dict[str, Any], total_steps: int) -> torch.optim.Optimizer:
+    if c["state_bits"] != 32:
+        base = LowBitAdam(_decay_groups(model, c["weight_decay"]), lr=c["lr"], betas=tuple(c["betas"]),
+                          eps=c["eps"], weight_decay=c["weight_decay"],
+                          decoupled_weight_decay=c["kind"] == "adamw", state_bits=c["state_bits"])
+        return _stabilize(base, c)
     cls = torch.optim.Adam if c["kind"] == "adam" else torch.optim.AdamW
     fast = {"fused": True} if _on_cuda(model) else {"foreach": True}
     base = cls(_decay_groups(model, c["weight_decay"]), lr=c["lr"], betas=tuple(c["betas"]),
@@ -337,7 +353,8 @@ def _spam(model: torch.nn.Module, c: dict[str, Any], total_steps: int) -> torch.
     groups = [{"params": sparse, "density": c["density"]}, {"params": dense, "density": 1.0}]
     base = SPAM([g for g in groups if g["params"]], lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"],
                 weight_decay=c["weight_decay"], threshold=c["threshold"], reset_interval=c["reset_interval"],
-                warmup_steps=c["warmup_steps"], clip_delay=c["clip_delay"], mask_seed=c["mask_seed"])
+                warmup_steps=c["warmup_steps"], clip_delay=c["clip_delay"], mask_seed=c["mask_seed"],
+                state_bits=c["state_bits"])
     return _stabilize(base, c)
 
 
@@ -349,7 +366,7 @@ def _stable_spam(model: torch.nn.Module, c: dict[str, Any], total_steps: int) ->
                       eps=c["eps"], weight_decay=c["weight_decay"], gamma1=c["gamma1"], gamma2=c["gamma2"],
                       gamma3=c["gamma3"], reset_interval=c["reset_interval"], total_steps=total,
                       eta_min=c["eta_min"], mode=c["mode"], fp32_moments=c["fp32_moments"],
-                      compile=c["compile"])
+                      compile=c["compile"], state_bits=c["state_bits"])
     return _stabilize(base, c)
 
 

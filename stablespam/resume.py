@@ -8,6 +8,11 @@ values, and a CPU checkpoint resumed on CUDA would keep `foreach` instead of `fu
 per-tensor counters) and the group entries named in `GROUP_STATE_KEYS` from the checkpoint, and every
 other group entry from the optimizer as built. A change the saved state cannot follow raises
 `OptimizerConfigError` naming the key.
+
+Adam's moments follow `optimizer.state_bits` (StableSPAM, SPAM, adam/adamw): a checkpoint written
+with other state bits is converted (codes dequantized, float moments quantized), rather than refused,
+so a run can move to 8-bit states when memory runs short (adam/adamw move between torch's class and
+LowBitAdam, which share the state layout).
 """
 from __future__ import annotations
 
@@ -16,9 +21,15 @@ from typing import Any
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from stablespam._state import OptimizerConfigError
+from stablespam._state import OptimizerConfigError, restore_saved_dtypes
+from stablespam.low_bit_adam import LowBitAdam
+from stablespam.quantized_state import convert_moments
+from stablespam.spam import SPAM
 from stablespam.stabilizers import Stabilized
 from stablespam.stable_spam import StableSPAM, stat_dtype
+
+# optimizers whose Adam moments follow `state_bits` (torch's classes: always 32)
+_ADAM_MOMENTS = (StableSPAM, SPAM, LowBitAdam, torch.optim.Adam, torch.optim.AdamW)
 
 # Param-group entries that are training state (step counters), not hyperparameters: StableSPAM's and
 # SPAM's global step, the step of the Stabilized wrapper (MoRet's phase). Everything else in a group
@@ -76,10 +87,10 @@ def _conform_state(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state.get(p)
             if not state:
                 continue
-            if isinstance(optimizer, StableSPAM):
-                dtype = torch.float32 if group["fp32_moments"] else p.dtype
-                state["exp_avg"] = state["exp_avg"].to(dtype)
-                state["exp_avg_sq"] = state["exp_avg_sq"].to(dtype)
+            if isinstance(optimizer, _ADAM_MOMENTS):
+                dtype = torch.float32 if group.get("fp32_moments") else p.dtype
+                shape = state["mask"].shape if "mask" in state else p.shape
+                convert_moments(state, group.get("state_bits", 32), shape, dtype)
             elif isinstance(optimizer, HFAdafactor) and group["beta1"] is not None and "exp_avg" not in state:
                 # beta1 switched on: the first moment starts at zero, as Adafactor's own first step does
                 state["exp_avg"] = torch.zeros_like(p, dtype=stat_dtype(p.dtype))
@@ -109,4 +120,6 @@ def load_state_keeping_hyperparameters(optimizer: torch.optim.Optimizer, state_d
     state_dict["param_groups"] = merged
     optimizer.load_state_dict(state_dict)
     for inner in chain:
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):  # cast quantized codes and scales to floats
+            restore_saved_dtypes(inner, state_dict)
         _conform_state(inner)

@@ -16,6 +16,8 @@ Schedule, with n the 1-based call count of step():
   paper);
 - the update is scaled by 1 - 0.99 (1 + cos(pi c / (warmup_steps + 1))) / 2 for c = n % reset_interval
   < warmup_steps after the first reset (0.01 at the reset step, rising to 1), and by 1 otherwise.
+`state_bits=8|4` keeps the (dense or masked) moments as block-wise codes (quantized_state.py), updated
+in fp32 chunk by chunk; a reset zeroes codes and scales.
 Every counter lives in `group["global_step"]` and the masks (index tensors) in the per-parameter
 state; masks are drawn from generators seeded by (mask_seed, reset index, parameter index), so a
 resumed run draws the same masks without any saved RNG state.
@@ -29,6 +31,14 @@ from typing import Any
 import torch
 
 from stablespam._state import evaluate_closure, restore_saved_dtypes
+from stablespam.quantized_state import (
+    MOMENTS,
+    STATE_BITS,
+    DequantizedMoment,
+    init_moments,
+    moment_chunks,
+    zero_moments_,
+)
 from stablespam.transforms import spike_clip_
 
 
@@ -59,6 +69,7 @@ class SPAM(torch.optim.Optimizer):
         warmup_steps: int = 150,
         clip_delay: int = 20,
         mask_seed: int = 0,
+        state_bits: int = 32,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
@@ -68,9 +79,11 @@ class SPAM(torch.optim.Optimizer):
             raise ValueError(f"density must lie in (0, 1], got {density}")
         if reset_interval < 0 or warmup_steps < 0 or clip_delay < 0 or threshold < 0:
             raise ValueError("reset_interval, warmup_steps, clip_delay and threshold must be >= 0")
+        if state_bits not in STATE_BITS:
+            raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
                         threshold=threshold, reset_interval=reset_interval, warmup_steps=warmup_steps,
-                        clip_delay=clip_delay, mask_seed=mask_seed, global_step=0)
+                        clip_delay=clip_delay, mask_seed=mask_seed, state_bits=state_bits, global_step=0)
         super().__init__(params, defaults)
 
     def _draw_mask(self, p: torch.Tensor, density: float, seed: int, reset_index: int,
@@ -98,6 +111,7 @@ class SPAM(torch.optim.Optimizer):
         scale = warmup_scale(since, group["warmup_steps"])
         clip = group["threshold"] != 0 and n >= delay and (interval == 0 or n % interval >= delay)
         masked = group["density"] < 1.0
+        bits = group["state_bits"]
 
         params, grads = [], []
         for param_index, p in enumerate(group["params"]):
@@ -109,21 +123,34 @@ class SPAM(torch.optim.Optimizer):
                                                 n // interval if interval else 0,
                                                 group_index * 1_000_003 + param_index)
             grad = p.grad.reshape(-1).index_select(0, state["mask"]) if masked else p.grad
-            if "exp_avg" not in state:
+            if "step" not in state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(grad)
-                state["exp_avg_sq"] = torch.zeros_like(grad)
+                init_moments(state, grad.shape, grad.device, bits, grad.dtype)
             elif reset:
-                state["exp_avg"].zero_()
-                state["exp_avg_sq"].zero_()
+                zero_moments_([state])
             state["step"] += 1
             params.append(p)
             grads.append(grad.clone() if masked else grad)
         if not params:
             return
         states = [self.state[p] for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        for chunk in moment_chunks([g.numel() for g in grads], bits):
+            chunk_states = [states[i] for i in chunk]
+            moments = [DequantizedMoment(chunk_states, key, [grads[i].shape for i in chunk], bits, signed)
+                       for key, signed in MOMENTS]
+            self._update([params[i] for i in chunk], [grads[i] for i in chunk], chunk_states,
+                         moments[0].tensors, moments[1].tensors, group, clip, scale)
+            for moment in moments:
+                moment.store()
+
+    @staticmethod
+    def _update(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
+                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], group: dict[str, Any],
+                clip: bool, scale: float) -> None:
+        """Spike clipping, moment update and parameter update of tensors whose moments are float tensors."""
+        masked = group["density"] < 1.0
+        if exp_avgs[0].dtype != grads[0].dtype:
+            grads = [g.to(exp_avgs[0].dtype) for g in grads]
         if clip:
             spike_clip_(grads, exp_avg_sqs, group["threshold"])
         beta1, beta2 = group["betas"]

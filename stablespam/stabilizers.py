@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
+from stablespam.quantized_state import moment_tensor
 from stablespam.stable_spam import stat_dtype
 from stablespam.transforms import adaclip_, adagn_, gradient_stabilize_, spike_clip_
 
@@ -90,7 +91,8 @@ _DEVICE_COUNTERS = ("gs_step", "gs_skipped")
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Zero every floating-point state tensor of `optimizer` and set its `step` counters to 0."""
+    """Zero every floating-point state tensor and every quantized moment's codes (uint8) of
+    `optimizer`, and set its `step` counters to 0."""
     for state in optimizer.state.values():
         for key, value in list(state.items()):
             if key == "step":
@@ -98,7 +100,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     value.zero_()
                 else:
                     state[key] = 0
-            elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.dtype == torch.uint8):
                 value.zero_()
 
 
@@ -193,12 +195,13 @@ class Stabilized(torch.optim.Optimizer):
             return
         # before the base's first step there is no second moment yet: nothing to clip against
         started = [(g, self.base.state[p]) for p, g in zip(params, grads) if self.base.state[p]]
-        if any("exp_avg_sq" not in state for _, state in started):
+        if any("exp_avg_sq" not in state and "exp_avg_sq_codes" not in state for _, state in started):
             raise ValueError(
                 f"SpikeClip needs a base optimizer with an 'exp_avg_sq' second moment; "
                 f"{type(self.base).__name__} has none"
             )
-        spike_clip_([g for g, _ in started], [s["exp_avg_sq"] for _, s in started], clip.threshold)
+        for grad, state in started:  # one tensor at a time: a quantized second moment is dequantized
+            spike_clip_([grad], [moment_tensor(state, "exp_avg_sq", grad.shape)], clip.threshold)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = self.base.state_dict()

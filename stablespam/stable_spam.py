@@ -20,6 +20,10 @@ also what torch.optim.Adam does) and the running statistics are fp32 (quirk 4 fi
 
 The global step t lives in each param group (`group["global_step"]`) and every per-tensor counter in
 the per-parameter state, so `state_dict()` carries the reset phase and the cosine position.
+
+`state_bits=8|4` keeps Adam's moments as block-wise codes (quantized_state.py): the stabilizers run
+as above, then the Adam update runs chunk by chunk on dequantized fp32 moments, which are re-quantized
+(or, at a reset, replaced by zero codes and scales).
 """
 from __future__ import annotations
 
@@ -30,6 +34,14 @@ from typing import Any, NamedTuple
 import torch
 
 from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
+from stablespam.quantized_state import (
+    MOMENTS,
+    STATE_BITS,
+    DequantizedMoment,
+    init_moments,
+    moment_chunks,
+    zero_moments_,
+)
 from stablespam.transforms import adaclip_, adagn_, momentum_scale
 
 MODES = ("official", "corrected")
@@ -100,6 +112,30 @@ def adam_update_(
         torch._foreach_add_(params, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), step_size))
 
 
+def _stabilize_(
+    grads: list[torch.Tensor],
+    max_emas: list[torch.Tensor],
+    norm_emas: list[torch.Tensor],
+    norm_sq_emas: list[torch.Tensor],
+    scalars: StepScalars,
+    gamma2: float,
+    gamma3: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    """AdaClip -> AdaGN on `grads` in place, updating the statistics; returns AdaClip's scratch tensors."""
+    max_ema = torch.stack(max_emas)
+    norm_ema = torch.stack(norm_emas)
+    norm_sq_ema = torch.stack(norm_sq_emas)
+    workspace = [torch.empty_like(g) for g in grads]
+    adaclip_(grads, max_ema, gamma3, scalars.clip_correction, workspace)
+    adagn_(grads, norm_ema, norm_sq_ema, scalars.gamma1, gamma2, scalars.norm_correction,
+           scalars.norm_sq_correction, eps)
+    torch._foreach_copy_(max_emas, list(max_ema.unbind(0)))
+    torch._foreach_copy_(norm_emas, list(norm_ema.unbind(0)))
+    torch._foreach_copy_(norm_sq_emas, list(norm_sq_ema.unbind(0)))
+    return workspace
+
+
 def _stable_spam_bucket(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -118,16 +154,7 @@ def _stable_spam_bucket(
     official: bool,
 ) -> None:
     """AdaClip -> AdaGN -> (MoRet) -> Adam for tensors that share device, dtype and counters."""
-    max_ema = torch.stack(max_emas)
-    norm_ema = torch.stack(norm_emas)
-    norm_sq_ema = torch.stack(norm_sq_emas)
-    workspace = [torch.empty_like(g) for g in grads]
-    adaclip_(grads, max_ema, gamma3, scalars.clip_correction, workspace)
-    adagn_(grads, norm_ema, norm_sq_ema, scalars.gamma1, gamma2, scalars.norm_correction,
-           scalars.norm_sq_correction, eps)
-    torch._foreach_copy_(max_emas, list(max_ema.unbind(0)))
-    torch._foreach_copy_(norm_emas, list(norm_ema.unbind(0)))
-    torch._foreach_copy_(norm_sq_emas, list(norm_sq_ema.unbind(0)))
+    workspace = _stabilize_(grads, max_emas, norm_emas, norm_sq_emas, scalars, gamma2, gamma3, eps)
     if reset and not official:
         torch._foreach_zero_(exp_avgs)
         torch._foreach_zero_(exp_avg_sqs)
@@ -139,6 +166,44 @@ def _stable_spam_bucket(
         torch._foreach_zero_(exp_avg_sqs)
 
 
+def _quantized_bucket(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    scalars: StepScalars,
+    *,
+    bits: int,
+    beta2: float,
+    eps: float,
+    gamma2: float,
+    gamma3: float,
+    reset: bool,
+    official: bool,
+) -> None:
+    """`_stable_spam_bucket` with `bits`-bit moments, dequantized and re-quantized chunk by chunk.
+
+    A reset zeroes codes and scales: before the update (corrected), or instead of storing the
+    updated moments (official).
+    """
+    workspace = _stabilize_(grads, [s["max_ema"] for s in states], [s["norm_ema"] for s in states],
+                            [s["norm_sq_ema"] for s in states], scalars, gamma2, gamma3, eps)
+    if reset and not official:
+        zero_moments_(states)
+    reusable = workspace[0].dtype == torch.float32
+    for chunk in moment_chunks([p.numel() for p in params], bits):
+        chunk_states = [states[i] for i in chunk]
+        moments = [DequantizedMoment(chunk_states, key, [params[i].shape for i in chunk], bits, signed)
+                   for key, signed in MOMENTS]
+        adam_update_([params[i] for i in chunk], [grads[i] for i in chunk], moments[0].tensors,
+                     moments[1].tensors, scalars.beta1, beta2, eps, scalars.step_size,
+                     scalars.bias_correction2_sqrt, [workspace[i] for i in chunk] if reusable else None)
+        if reset and official:
+            zero_moments_(chunk_states)
+        else:
+            for moment in moments:
+                moment.store()
+
+
 class StableSPAM(torch.optim.Optimizer):
     """Adam with AdaClip, AdaGN and momentum reset (MoRet); see the module docstring for `mode`.
 
@@ -146,8 +211,10 @@ class StableSPAM(torch.optim.Optimizer):
     official `total_T` (cosine decay of beta1 and gamma1 to `eta_min`, None = no decay);
     `gamma1=-1` means "use beta1". `fp32_moments=True` keeps Adam's moments in fp32 for bf16
     parameters (default: parameter dtype, like torch.optim.Adam and the official code).
-    `compile=True` runs each bucket's step through `torch.compile`.
-    step() overwrites `.grad` with the stabilized gradient (the official code does too).
+    `state_bits=8|4` stores the moments as block-wise codes (quantized_state.py; computed in fp32,
+    `fp32_moments` has no effect then). `compile=True` runs each bucket's step through
+    `torch.compile` (32-bit states only). step() overwrites `.grad` with the stabilized gradient (the
+    official code does too).
     """
 
     def __init__(
@@ -166,6 +233,7 @@ class StableSPAM(torch.optim.Optimizer):
         mode: str = "official",
         fp32_moments: bool = False,
         compile: bool = False,
+        state_bits: int = 32,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"StableSPAM mode must be one of {MODES}, got {mode!r}")
@@ -175,11 +243,15 @@ class StableSPAM(torch.optim.Optimizer):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if reset_interval < 0:
             raise ValueError(f"reset_interval must be >= 0 (0 = never), got {reset_interval}")
+        if state_bits not in STATE_BITS:
+            raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits}")
+        if compile and state_bits != 32:
+            raise ValueError("compile=True needs state_bits=32 (quantized moments run eagerly)")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             gamma1=betas[0] if gamma1 == -1 else gamma1, gamma2=gamma2, gamma3=gamma3,
             reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min, mode=mode,
-            fp32_moments=fp32_moments, global_step=0,
+            fp32_moments=fp32_moments, state_bits=state_bits, global_step=0,
         )
         super().__init__(params, defaults)
         self._compiled = compile
@@ -187,13 +259,16 @@ class StableSPAM(torch.optim.Optimizer):
             torch.compile(_stable_spam_bucket) if compile else _stable_spam_bucket
         )
 
-    def _init_state(self, p: torch.Tensor, fp32_moments: bool) -> dict[str, Any]:
+    def _init_state(self, p: torch.Tensor, fp32_moments: bool, bits: int) -> dict[str, Any]:
         state = self.state[p]
         moment_dtype = torch.float32 if fp32_moments else p.dtype
         state["step"] = 0
         state["stat_step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        if bits == 32:
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        else:
+            init_moments(state, p.shape, p.device, bits, moment_dtype)
         for key in _STAT_KEYS:
             state[key] = torch.zeros((), dtype=stat_dtype(p.dtype), device=p.device)
         return state
@@ -220,10 +295,11 @@ class StableSPAM(torch.optim.Optimizer):
         gamma1, gamma2, gamma3 = group["gamma1"] * scale, group["gamma2"], group["gamma3"]
         interval = group["reset_interval"]
         reset = interval > 0 and t % interval == 0
+        bits = group["state_bits"]
 
         buckets: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            state = self.state[p] or self._init_state(p, group["fp32_moments"])
+            state = self.state[p] or self._init_state(p, group["fp32_moments"], bits)
             if official:
                 stat_step = state["step"] + 1
                 adam_step = 1 if reset else stat_step
@@ -231,7 +307,8 @@ class StableSPAM(torch.optim.Optimizer):
                 stat_step = state["stat_step"] + 1
                 adam_step = 1 if reset else state["step"] + 1
             state["stat_step"], state["step"] = stat_step, adam_step
-            buckets[(p.device, p.dtype, state["exp_avg"].dtype, stat_step, adam_step)].append(p)
+            moment_dtype = state["exp_avg"].dtype if bits == 32 else torch.float32
+            buckets[(p.device, p.dtype, moment_dtype, stat_step, adam_step)].append(p)
 
         if group["weight_decay"] != 0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
@@ -248,6 +325,10 @@ class StableSPAM(torch.optim.Optimizer):
             if self._compiled:
                 scalars = scalars.to_tensors(device, stat_dtype(param_dtype))
             states = [self.state[p] for p in bucket]
+            if bits != 32:
+                _quantized_bucket(bucket, [p.grad for p in bucket], states, scalars, bits=bits, beta2=beta2,
+                                  eps=group["eps"], gamma2=gamma2, gamma3=gamma3, reset=reset, official=official)
+                continue
             self._bucket_step(
                 bucket,
                 [p.grad for p in bucket],
