@@ -74,23 +74,23 @@ def scale_step(monkeypatch, bad_step: int, factor: float) -> None:
     monkeypatch.setattr(trainer.step, "token_loss_sum", loss_with_spike)
 
 
-SPIKE_RUN = ["trainer.spike_policy=skip", "trainer.spike_window=4", "trainer.spike_z=6", "trainer.max_steps=10",
-             "checkpoint.every=0"]
+SPIKE_RUN = ["trainer.spike_policy=skip", "trainer.spike_window=3", "trainer.spike_z=6", "trainer.max_steps=8",
+             "checkpoint.every=0", "trainer.quant_error_every=0"]
 
 
 def test_spike_policy_skips_an_injected_spike_and_nothing_else(tmp_path, monkeypatch, tiny_config):
-    scale_step(monkeypatch, bad_step=7, factor=50.0)
+    scale_step(monkeypatch, bad_step=6, factor=50.0)
     results = train.train(tiny_config(tmp_path, *SPIKE_RUN))
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     skipped = [(r["step"], r["skip_reason"]) for r in records if r.get("skipped_step")]
-    assert skipped == [(7, "loss/grad-norm spike")]
-    assert results["step"] == 10 and max(r["step"] for r in records if "lr" in r) == 10
-    assert [r for r in records if r["step"] == 10 and "lr" in r][0]["spike_skips"] == 1
+    assert skipped == [(6, "loss/grad-norm spike")]
+    assert results["step"] == 8 and max(r["step"] for r in records if "lr" in r) == 8
+    assert [r for r in records if r["step"] == 8 and "lr" in r][0]["spike_skips"] == 1
 
 
 def test_spike_policy_leaves_an_ordinary_run_alone(tmp_path, tiny_config):
     reference = tmp_path / "reference"
-    train.train(tiny_config(reference, "trainer.max_steps=10", "checkpoint.every=0"))
+    train.train(tiny_config(reference, "trainer.max_steps=8", "checkpoint.every=0", "trainer.quant_error_every=0"))
     train.train(tiny_config(tmp_path / "policy", *SPIKE_RUN))
     losses = {}
     for run in (reference, tmp_path / "policy"):
