@@ -2,15 +2,12 @@
 the Hydra key; the classes refuse a negative learning rate from Python too."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 
-from models import ModelConfig, build_model
+from models import build_model
+from optim_support import TINY, compose_optimizer
 from stablespam import (
     SPAM,
     Adafactor,
@@ -19,19 +16,10 @@ from stablespam import (
     OptimizerConfigError,
     StableSPAM,
     build_optimizer,
-    register_configs,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                   vocab_size=64)
 
 
-def _compose(name: str, *overrides: str):
-    register_configs(ConfigStore.instance())
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=None, overrides=[f"+optimizer={name}", *overrides]).optimizer
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +86,7 @@ REJECTED = [
 @pytest.mark.parametrize("name,override,message", REJECTED)
 def test_build_rejects_with_one_line_naming_the_key(model, name, override, message):
     with pytest.raises(OptimizerConfigError) as raised:
-        build_optimizer(model, _compose(name, override), total_steps=10)
+        build_optimizer(model, compose_optimizer(name, override), total_steps=10)
     assert str(raised.value) == message
     assert isinstance(raised.value, ValueError)
 
@@ -112,7 +100,7 @@ def test_build_rejects_with_one_line_naming_the_key(model, name, override, messa
     ("spam", ["optimizer.threshold=0", "optimizer.density=1.0"]),
 ])
 def test_build_accepts_boundary_values(model, name, overrides):
-    build_optimizer(model, _compose(name, *overrides), total_steps=10)
+    build_optimizer(model, compose_optimizer(name, *overrides), total_steps=10)
 
 
 @pytest.mark.parametrize("make", [

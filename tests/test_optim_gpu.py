@@ -6,36 +6,24 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 
-from models import ModelConfig, build_model
+from models import build_model
+from optim_support import TINY, compose_optimizer
 from stablespam import (
     GradientStabilizer,
     StableSPAM,
     build_optimizer,
     load_state_keeping_hyperparameters,
-    register_configs,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEVICE = "cuda"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                   vocab_size=64)
 
 
-def _compose(name: str, *overrides: str):
-    register_configs(ConfigStore.instance())
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=None, overrides=[f"+optimizer={name}", *overrides]).optimizer
 
 
 def _train(model, opt, steps: int, seed: int) -> None:
@@ -50,7 +38,7 @@ def _train(model, opt, steps: int, seed: int) -> None:
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_build_optimizer_chooses_fused_adam_on_cuda(name):
     model = build_model(TINY).to(DEVICE)
-    opt = build_optimizer(model, _compose(name), total_steps=10)
+    opt = build_optimizer(model, compose_optimizer(name), total_steps=10)
     assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups)
     _train(model, opt, 2, seed=0)
     assert all(opt.state[p]["step"].device == p.device for p in model.parameters())
@@ -59,7 +47,7 @@ def test_build_optimizer_chooses_fused_adam_on_cuda(name):
 def test_a_cpu_checkpoint_resumes_fused_on_cuda():
     torch.manual_seed(0)
     cpu_model = build_model(TINY)
-    cpu_opt = build_optimizer(cpu_model, _compose("adamw"), total_steps=10)
+    cpu_opt = build_optimizer(cpu_model, compose_optimizer("adamw"), total_steps=10)
     _train(cpu_model, cpu_opt, 3, seed=0)
     buffer = io.BytesIO()
     torch.save(cpu_opt.state_dict(), buffer)
@@ -69,7 +57,7 @@ def test_a_cpu_checkpoint_resumes_fused_on_cuda():
     model = build_model(TINY)
     model.load_state_dict(cpu_model.state_dict())
     model.to(DEVICE)
-    opt = build_optimizer(model, _compose("adamw"), total_steps=10)
+    opt = build_optimizer(model, compose_optimizer("adamw"), total_steps=10)
     load_state_keeping_hyperparameters(opt, saved)
     assert all(g["fused"] is True and g["foreach"] is None for g in opt.param_groups)
     for p in model.parameters():

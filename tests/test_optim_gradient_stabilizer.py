@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 
-from models import ModelConfig, build_model
+from models import build_model
+from optim_support import TINY, compose_optimizer
 from stablespam import (
     SPAM,
     AdaClip,
@@ -25,12 +22,8 @@ from stablespam import (
     StableSPAM,
     build_optimizer,
     load_state_keeping_hyperparameters,
-    register_configs,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                   vocab_size=64)
 SHAPES = [(5, 4), (7,), (2, 3, 2)]
 
 
@@ -200,11 +193,6 @@ def test_save_and_load_mid_run_reproduce_the_uninterrupted_run(loader):
     assert opt2.skipped_tensors().item() == 2
 
 
-def _compose(name, *overrides):
-    register_configs(ConfigStore.instance())
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=None, overrides=[f"+optimizer={name}", *overrides]).optimizer
 
 
 def _step(model, opt):
@@ -215,7 +203,7 @@ def _step(model, opt):
 
 def test_the_yaml_builds_adamw_with_the_papers_defaults():
     model = build_model(TINY)
-    opt = build_optimizer(model, _compose("gradient_stabilizer"), total_steps=10)
+    opt = build_optimizer(model, compose_optimizer("gradient_stabilizer"), total_steps=10)
     assert isinstance(opt, GradientStabilizer) and type(opt.base) is torch.optim.AdamW
     assert opt.transforms == (GSNorm(gamma1=0.6, gamma2=0.999, eps=1e-12, bias_correction=True),)
     _step(model, opt)
@@ -226,7 +214,7 @@ def test_the_yaml_builds_adamw_with_the_papers_defaults():
                                        ("adam_mini", None), ("adafactor", None)])
 def test_the_switch_puts_it_in_front_of_any_optimizer(name, base):
     model = build_model(TINY)
-    opt = build_optimizer(model, _compose(name, "optimizer.gradient_stabilizer=true", "optimizer.gs_gamma1=0.5"),
+    opt = build_optimizer(model, compose_optimizer(name, "optimizer.gradient_stabilizer=true", "optimizer.gs_gamma1=0.5"),
                           total_steps=10)
     assert isinstance(opt, GradientStabilizer) and opt.transforms[0].gamma1 == 0.5
     if base is not None:
@@ -236,7 +224,7 @@ def test_the_switch_puts_it_in_front_of_any_optimizer(name, base):
 
 
 def test_the_switch_composes_first_with_the_other_stabilizers():
-    opt = build_optimizer(build_model(TINY), _compose("adam_moret_adagn_adaclip", "optimizer.gradient_stabilizer=true"),
+    opt = build_optimizer(build_model(TINY), compose_optimizer("adam_moret_adagn_adaclip", "optimizer.gradient_stabilizer=true"),
                           total_steps=10)
     assert type(opt) is Stabilized and opt.moret == MoRet(1000)
     assert [type(t) for t in opt.transforms] == [GSNorm, AdaClip, AdaGN]

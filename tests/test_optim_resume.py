@@ -8,34 +8,22 @@ from __future__ import annotations
 
 import copy
 import io
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 
-from models import ModelConfig, build_model
+from models import build_model
+from optim_support import TINY, compose_optimizer
 from stablespam import (
     GROUP_STATE_KEYS,
     OptimizerConfigError,
     Stabilized,
     build_optimizer,
     load_state_keeping_hyperparameters,
-    register_configs,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                   vocab_size=64)
 
 
-def _compose(name: str, *overrides: str):
-    register_configs(ConfigStore.instance())
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=None, overrides=[f"+optimizer={name}", *overrides]).optimizer
 
 
 def _batches(n: int, seed: int):
@@ -125,8 +113,8 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_resume_keeps_new_hyperparameters_and_old_state(name):
     overrides_a, overrides_b = CASES[name]
-    cfg_b = _compose(name, *overrides_b)
-    model_a, opt_a = _trained(_compose(name, *overrides_a))
+    cfg_b = compose_optimizer(name, *overrides_b)
+    model_a, opt_a = _trained(compose_optimizer(name, *overrides_a))
     saved = _checkpoint(opt_a)
 
     model_b = _copy_of(model_a)
@@ -170,12 +158,12 @@ def test_resume_keeps_new_hyperparameters_and_old_state(name):
 def test_torch_adam_takes_foreach_and_fused_from_the_build():
     """A checkpoint written with foreach resumed where the build chose fused (CUDA): the flags are the
     build's and Adam's step counters move to the parameters' device as fused Adam needs."""
-    _, opt_a = _trained(_compose("adamw"))
+    _, opt_a = _trained(compose_optimizer("adamw"))
     saved = _checkpoint(opt_a)
     assert saved["param_groups"][0]["foreach"] is True
     model_b = build_model(TINY)
     opt_b = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
-                               for g in build_optimizer(model_b, _compose("adamw"), 20).param_groups],
+                               for g in build_optimizer(model_b, compose_optimizer("adamw"), 20).param_groups],
                               lr=1e-3, fused=True)
     load_state_keeping_hyperparameters(opt_b, saved)
     assert all(g["fused"] is True and g["foreach"] is None for g in opt_b.param_groups)
@@ -187,9 +175,9 @@ def test_torch_adam_takes_foreach_and_fused_from_the_build():
 def test_bf16_stable_spam_moments_follow_fp32_moments():
     torch.manual_seed(0)
     model = build_model(TINY, dtype=torch.bfloat16)
-    opt_a = build_optimizer(model, _compose("stable_spam"), total_steps=10)
+    opt_a = build_optimizer(model, compose_optimizer("stable_spam"), total_steps=10)
     _train(model, opt_a, _batches(2, seed=1))
-    opt_b = build_optimizer(model, _compose("stable_spam", "optimizer.fp32_moments=true"), total_steps=10)
+    opt_b = build_optimizer(model, compose_optimizer("stable_spam", "optimizer.fp32_moments=true"), total_steps=10)
     load_state_keeping_hyperparameters(opt_b, _checkpoint(opt_a))
     for p in model.parameters():
         for key in ("exp_avg", "exp_avg_sq"):
@@ -200,9 +188,9 @@ def test_bf16_stable_spam_moments_follow_fp32_moments():
 
 
 def test_adafactor_first_moment_switched_on_starts_at_zero():
-    _, opt_a = _trained(_compose("adafactor", "optimizer.beta1=null"))
+    _, opt_a = _trained(compose_optimizer("adafactor", "optimizer.beta1=null"))
     model_b = build_model(TINY)
-    opt_b = build_optimizer(model_b, _compose("adafactor"), total_steps=10)
+    opt_b = build_optimizer(model_b, compose_optimizer("adafactor"), total_steps=10)
     load_state_keeping_hyperparameters(opt_b, _checkpoint(opt_a))
     for p in _params(opt_b):
         assert torch.equal(opt_b.state[p]["exp_avg"], torch.zeros_like(p))
@@ -211,9 +199,9 @@ def test_adafactor_first_moment_switched_on_starts_at_zero():
 
 
 def test_a_stabilizer_switched_on_at_resume_starts_its_statistics_afresh():
-    _, opt_a = _trained(_compose("adam_moret_adagn", "optimizer.moret_interval=3"))
+    _, opt_a = _trained(compose_optimizer("adam_moret_adagn", "optimizer.moret_interval=3"))
     model_b = build_model(TINY)
-    opt_b = build_optimizer(model_b, _compose("adam_moret_adagn", "optimizer.moret_interval=3",
+    opt_b = build_optimizer(model_b, compose_optimizer("adam_moret_adagn", "optimizer.moret_interval=3",
                                               "optimizer.adaclip=true"), total_steps=10)
     load_state_keeping_hyperparameters(opt_b, _checkpoint(opt_a))
     _train(model_b, opt_b, _batches(1, seed=2))
@@ -223,13 +211,13 @@ def test_a_stabilizer_switched_on_at_resume_starts_its_statistics_afresh():
     assert opt_b.param_groups[0]["stabilizer_step"] == 5
 
     # from a plain Adam checkpoint: AdaGN starts afresh, MoRet's phase would be unknown
-    _, plain = _trained(_compose("adam"))
-    opt_c = build_optimizer(build_model(TINY), _compose("adam", "optimizer.adagn=true"), total_steps=10)
+    _, plain = _trained(compose_optimizer("adam"))
+    opt_c = build_optimizer(build_model(TINY), compose_optimizer("adam", "optimizer.adagn=true"), total_steps=10)
     load_state_keeping_hyperparameters(opt_c, _checkpoint(plain))
     assert opt_c.param_groups[0]["stabilizer_step"] == 0 and not opt_c.state
     for p_a, p_c in zip(_params(plain), _params(opt_c)):
         _assert_state_equal(opt_c.base.state[p_c], plain.state[p_a])
-    opt_d = build_optimizer(build_model(TINY), _compose("adam_moret"), total_steps=10)
+    opt_d = build_optimizer(build_model(TINY), compose_optimizer("adam_moret"), total_steps=10)
     with pytest.raises(OptimizerConfigError, match=r"^optimizer\.moret_interval=1000 cannot start on resume"):
         load_state_keeping_hyperparameters(opt_d, _checkpoint(plain))
 
@@ -240,14 +228,14 @@ def test_a_stabilizer_switched_on_at_resume_starts_its_statistics_afresh():
      r"^optimizer\.mode=corrected cannot resume an official-mode checkpoint"),
 ])
 def test_changes_the_saved_state_cannot_follow_raise_naming_the_key(name, before, after, message):
-    _, opt_a = _trained(_compose(name, *before), steps=1)
-    opt_b = build_optimizer(build_model(TINY), _compose(name, *after), total_steps=10)
+    _, opt_a = _trained(compose_optimizer(name, *before), steps=1)
+    opt_b = build_optimizer(build_model(TINY), compose_optimizer(name, *after), total_steps=10)
     with pytest.raises(OptimizerConfigError, match=message):
         load_state_keeping_hyperparameters(opt_b, _checkpoint(opt_a))
 
 
 def test_a_different_optimizer_kind_raises():
-    _, opt_a = _trained(_compose("adam"), steps=1)
-    opt_b = build_optimizer(build_model(TINY), _compose("stable_spam"), total_steps=10)
+    _, opt_a = _trained(compose_optimizer("adam"), steps=1)
+    opt_b = build_optimizer(build_model(TINY), compose_optimizer("stable_spam"), total_steps=10)
     with pytest.raises(OptimizerConfigError, match=r"^optimizer\.kind differs"):
         load_state_keeping_hyperparameters(opt_b, _checkpoint(opt_a))

@@ -14,20 +14,26 @@ from trainer.schedule import WarmupDecay
 pytestmark = pytest.mark.usefixtures("keep_signal_handlers")  # train() installs preemption handlers
 
 
-def poison_step(monkeypatch, bad_step: int) -> None:
-    """Make the loss of one optimizer step NaN (micro-batches are counted from 1)."""
+def scale_step(monkeypatch, bad_step: int, factor: float) -> None:
+    """Multiply the loss (and so the gradient) of one optimizer step by `factor` (micro-batches are
+    counted from 1)."""
     real = trainer.step.token_loss_sum
     calls = {"train": 0}
 
-    def loss_with_nan(model, batch):
+    def scaled_loss(model, batch):
         loss = real(model, batch)
         if model.training:
             calls["train"] += 1
             if calls["train"] == bad_step:
-                return loss * float("nan")
+                return loss * factor
         return loss
 
-    monkeypatch.setattr(trainer.step, "token_loss_sum", loss_with_nan)
+    monkeypatch.setattr(trainer.step, "token_loss_sum", scaled_loss)
+
+
+def poison_step(monkeypatch, bad_step: int) -> None:
+    """Make the loss of one optimizer step NaN."""
+    scale_step(monkeypatch, bad_step, float("nan"))
 
 
 @pytest.mark.parametrize("log_every", [1, 4])
@@ -57,21 +63,6 @@ def test_skipped_step_is_not_an_optimizer_step(tmp_path, monkeypatch, tiny_confi
     optimizer = torch.load(tmp_path / "checkpoints" / "step_00000006" / "optimizer.pt", weights_only=False)
     assert optimizer["param_groups"][0]["global_step"] == 6, "Stable-SPAM's counter follows the steps taken"
 
-
-def scale_step(monkeypatch, bad_step: int, factor: float) -> None:
-    """Multiply the loss (and so the gradient) of one optimizer step by `factor`."""
-    real = trainer.step.token_loss_sum
-    calls = {"train": 0}
-
-    def loss_with_spike(model, batch):
-        loss = real(model, batch)
-        if model.training:
-            calls["train"] += 1
-            if calls["train"] == bad_step:
-                return loss * factor
-        return loss
-
-    monkeypatch.setattr(trainer.step, "token_loss_sum", loss_with_spike)
 
 
 SPIKE_RUN = ["trainer.spike_policy=skip", "trainer.spike_window=3", "trainer.spike_z=6", "trainer.max_steps=8",
