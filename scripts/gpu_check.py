@@ -129,7 +129,9 @@ def pytest_summary(junit: Path) -> dict:
             counts[key] += int(suite.get(key, 0))
         for case in suite.iter("testcase"):
             if case.find("failure") is not None or case.find("error") is not None:
-                failed.append(f"{case.get('classname')}::{case.get('name')}")
+                # junit's classname carries the path from pytest's rootdir, which depends on where the
+                # checkout lies: keep its last part (the module, or the class)
+                failed.append(f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}")
     return {"passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
             "failed": counts["failures"], "errors": counts["errors"], "skipped": counts["skipped"],
             "failed_tests": failed}
