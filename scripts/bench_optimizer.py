@@ -2,9 +2,14 @@
 
 The parameters are fp32 tensors with the shapes of the model (no forward pass) and fixed random
 gradients; AdamW (fused on CUDA, foreach on CPU) is measured in the same run and every optimizer is
-reported as ms/step and as a ratio to it. Prints one JSON object.
+reported as ms/step and as a ratio to it, with its state in bytes per parameter (tensor bytes of
+`state_dict()["state"]` after the steps). Prints one JSON object.
 
     PYTHONPATH=. python scripts/bench_optimizer.py --device cpu --sizes 60m 350m --steps 3
+
+`--state-bits 8 4` adds the quantized-state rows `adamw_state8`, `stable_spam_state8`, `spam_state8`
+(and `_state4`); `--torchao` adds torchao's `torchao_adamw8bit` / `torchao_adamw4bit` (each compiles
+one step per parameter shape: its warm-up is compilation).
 
 Rounds are interleaved and the fastest is kept, so a busy machine biases every row alike.
 `first_warmup_s` is the wall time of the first round's warm-up steps: for a compiled optimizer, its
@@ -26,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stablespam import SPAM, AdaClip, AdaGN, Adafactor, AdamMini, Lion, Stabilized, StableSPAM  # noqa: E402
+from stablespam.low_bit_adam import LowBitAdam  # noqa: E402
+from stablespam.quantized_state import tensor_bytes  # noqa: E402
 
 # (hidden, intermediate, layers, heads), vocab 32000, untied head: paper Table 5 ("tiny": smoke runs).
 SIZES = {"tiny": (64, 176, 2, 4), "60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 24, 16),
@@ -45,7 +52,8 @@ def named_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     return shapes + [("model.norm.weight", (d,)), ("lm_head.weight", (VOCAB, d))]
 
 
-def builders(size: str, device: torch.device, compile_: bool) -> dict[str, Callable]:
+def builders(size: str, device: torch.device, compile_: bool, state_bits: list[int] | None = None,
+             torchao: bool = False) -> dict[str, Callable]:
     d, _, _, heads = SIZES[size]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     zoo: dict[str, Callable] = {
@@ -63,11 +71,22 @@ def builders(size: str, device: torch.device, compile_: bool) -> dict[str, Calla
     }
     if compile_:
         zoo["stable_spam_compiled"] = lambda named: StableSPAM([p for _, p in named], lr=1e-3, compile=True)
+    for bits in state_bits or []:
+        zoo[f"adamw_state{bits}"] = lambda named, b=bits: LowBitAdam([p for _, p in named], lr=1e-3, state_bits=b)
+        zoo[f"stable_spam_state{bits}"] = lambda named, b=bits: StableSPAM([p for _, p in named], lr=1e-3,
+                                                                           state_bits=b)
+        zoo[f"spam_state{bits}"] = lambda named, b=bits: SPAM([p for _, p in named], lr=1e-3, state_bits=b)
+    if torchao:
+        from torchao.optim import AdamW4bit, AdamW8bit
+
+        zoo["torchao_adamw8bit"] = lambda named: AdamW8bit([p for _, p in named], lr=1e-3)
+        zoo["torchao_adamw4bit"] = lambda named: AdamW4bit([p for _, p in named], lr=1e-3)
     return zoo
 
 
-def time_step(build: Callable, size: str, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
-    """(ms per timed step, seconds of the warm-up steps, which include any compilation)."""
+def time_step(build: Callable, size: str, device: torch.device, steps: int,
+              warmup: int) -> tuple[float, float, float]:
+    """(ms per timed step, seconds of the warm-up steps, which include any compilation, state bytes per parameter)."""
     gen = torch.Generator(device=device).manual_seed(0)
     named = []
     for name, shape in named_shapes(size):
@@ -87,9 +106,10 @@ def time_step(build: Callable, size: str, device: torch.device, steps: int, warm
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps * 1e3
+    state_bytes = tensor_bytes(opt.state_dict()["state"]) / sum(p.numel() for _, p in named)
     del opt, named
     gc.collect()
-    return elapsed, warmup_s
+    return elapsed, warmup_s, state_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,10 +122,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="interleaved rounds over all optimizers; the fastest round is reported")
     parser.add_argument("--compile", action="store_true", help="also time StableSPAM(compile=True)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of optimizers (adamw always runs)")
+    parser.add_argument("--state-bits", type=int, nargs="*", default=[], choices=[8, 4],
+                        help="add adamw/stable_spam/spam rows with 8- or 4-bit optimizer states")
+    parser.add_argument("--torchao", action="store_true", help="add torchao's AdamW8bit and AdamW4bit")
     args = parser.parse_args(argv)
-    unknown = set(args.only or []) - set(builders("tiny", torch.device("cpu"), args.compile))
+    known = builders("tiny", torch.device("cpu"), args.compile, args.state_bits, args.torchao)
+    unknown = set(args.only or []) - set(known)
     if unknown:
-        parser.error(f"--only: unknown optimizer(s) {', '.join(sorted(unknown))} (stable_spam_compiled needs --compile)")
+        parser.error(f"--only: unknown optimizer(s) {', '.join(sorted(unknown))} (stable_spam_compiled needs "
+                     "--compile, *_state8 --state-bits 8, torchao_* --torchao)")
     return args
 
 
@@ -115,18 +140,19 @@ def main() -> None:
     result: dict[str, object] = {"device": str(device), "torch": torch.__version__,
                                  "threads": torch.get_num_threads(), "steps": args.steps, "sizes": {}}
     for size in args.sizes:
-        zoo = builders(size, device, args.compile)
+        zoo = builders(size, device, args.compile, args.state_bits, args.torchao)
         names = ["adamw"] + [n for n in zoo if n != "adamw" and (args.only is None or n in args.only)]
         n_params = sum(torch.Size(s).numel() for _, s in named_shapes(size))
         best = {name: float("inf") for name in names}
         first_warmup_s: dict[str, float] = {}
+        state_bytes: dict[str, float] = {}
         for _ in range(args.repeats):
             for name in names:
-                ms, warmup_s = time_step(zoo[name], size, device, args.steps, args.warmup)
+                ms, warmup_s, state_bytes[name] = time_step(zoo[name], size, device, args.steps, args.warmup)
                 best[name] = min(best[name], ms)
                 first_warmup_s.setdefault(name, warmup_s)
-        rows = {name: {"ms_per_step": round(ms, 2), "first_warmup_s": round(first_warmup_s[name], 1)}
-                for name, ms in best.items()}
+        rows = {name: {"ms_per_step": round(ms, 2), "first_warmup_s": round(first_warmup_s[name], 1),
+                       "state_bytes_per_param": round(state_bytes[name], 3)} for name, ms in best.items()}
         base = rows["adamw"]["ms_per_step"]
         for row in rows.values():
             row["vs_adamw"] = round(row["ms_per_step"] / base, 2)

@@ -128,7 +128,8 @@ def _tables(cmap: CodeMap, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 
 def nearest_codes(y: torch.Tensor, cmap: CodeMap) -> torch.Tensor:
-    """int32 index of the map value nearest to each entry of the flat fp32 `y` (ties go up)."""
+    """int32 index of the map value nearest to each entry of the flat fp32 `y` (ties go up), at least
+    `cmap.min_code`."""
     _, midpoints, cells = _tables(cmap, y.device)
     index = (y.view(torch.int32) >> (23 - _CELL_BITS)).bitwise_and_((1 << (9 + _CELL_BITS)) - 1)
     codes = cells.index_select(0, index)
@@ -230,7 +231,8 @@ class DequantizedMoment:
         if not self.quantized:
             return
         codes, scale = quantize(self.buffer, self.cmap)
-        targets = [(self.states[i][codes_key(self.key)], self.states[i][scale_key(self.key)]) for i in self.quantized]
+        targets = [(self.states[i][codes_key(self.key)], self.states[i][scale_key(self.key)])
+                   for i in self.quantized]
         torch._foreach_copy_([c for c, _ in targets], list(codes.split([c.numel() for c, _ in targets])))
         torch._foreach_copy_([s for _, s in targets], list(scale.split([s.numel() for _, s in targets])))
 
