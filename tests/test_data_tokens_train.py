@@ -1,7 +1,6 @@
 """train.py with `data=tokens` on a prepared copy of the bundled sample: one and two processes, bad inputs."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 from rich.console import Console
@@ -9,7 +8,7 @@ from rich.console import Console
 from data import DataConfig
 from data.prepare import prepare
 from test_data_tokens import other_tokenizer
-from test_train_e2e import command, free_port, run, train_losses
+from test_train_e2e import command, launch_two, run, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,7 @@ def test_two_processes_match_one_process_on_prepared_tokens(prepared, tmp_path):
     single = run(command(tmp_path / "single", *overrides))
     assert single.returncode == 0, single.stderr
     assert "data tokens seq 32 packed" in single.stdout and "done: 4 steps, validation perplexity" in single.stdout
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    double = run(launcher + command(tmp_path / "double", *overrides)[1:], timeout=180, GLOO_SOCKET_IFNAME="lo")
+    double = launch_two(tmp_path / "double", *overrides, timeout=180)
     assert double.returncode == 0, double.stderr
     assert "2 process(es)" in double.stdout
     one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")

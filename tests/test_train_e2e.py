@@ -125,12 +125,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
 
 
-def launch_two(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launch_two(run_dir: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """2 processes on CPU: accelerate's `--multi_gpu` starts torchrun workers, which use gloo."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    return run(launcher + command(run_dir, *overrides)[1:], timeout=240, GLOO_SOCKET_IFNAME="lo")
+    return run(launcher + command(run_dir, *overrides)[1:], timeout=timeout, GLOO_SOCKET_IFNAME="lo")
 
 
 def test_elastic_resume_between_one_and_two_processes(tmp_path):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -32,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
+from data.prepare import fsync_directory as fsync_path
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
@@ -56,14 +56,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -195,14 +187,14 @@ class CheckpointManager:
         if acc.is_main_process:
             files = {}
             for file in sorted(staging.iterdir()):
-                _fsync(file)
+                fsync_path(file)
                 files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
             manifest = {"step": step, "world_size": acc.num_processes, "files": files}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _fsync(staging / MANIFEST)
-            _fsync(staging)
+            fsync_path(staging / MANIFEST)
+            fsync_path(staging)
             staging.rename(final)
-            _fsync(self.directory)
+            fsync_path(self.directory)
             for _, old in self.complete_checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
