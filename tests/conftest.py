@@ -1,4 +1,9 @@
-"""Test-wide settings: no stray hub calls, deterministic CPU threads, offline wandb; shared fixtures."""
+"""Test-wide settings: no stray hub calls, one intra-op CPU thread, offline wandb; shared fixtures.
+
+One thread (here and, through OMP_NUM_THREADS, in every process a test launches): the tests run
+tiny models whose ops cost less than the threads' hand-offs, and on a shared 2-core machine two
+threads per process made tests/test_train_resume.py take 347 s instead of 65 s (back to back, loaded).
+"""
 import os
 import signal
 from pathlib import Path
@@ -10,6 +15,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which it reads at import)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture

@@ -45,16 +45,6 @@ SMALL = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, 
 MAPS = [(8, True), (8, False), (4, True), (4, False)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads only cost on these tiny tensors: on the shared 2-core machine two threads made the
-    120-step proxy run 10-20x slower (21-27 s against 1.4-2.3 s, measured back to back)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _compose(name: str, *overrides: str):
     register_configs(ConfigStore.instance())
     GlobalHydra.instance().clear()
