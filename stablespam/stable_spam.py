@@ -70,7 +70,16 @@ class StepScalars(NamedTuple):
     bias_correction2_sqrt: float | torch.Tensor  # sqrt(1 - beta2^k_adam)
 
     def to_tensors(self, device: torch.device, dtype: torch.dtype) -> StepScalars:
-        return StepScalars(*torch.tensor(self, dtype=dtype, device=device).unbind(0))
+        return StepScalars(*(torch.as_tensor(v, dtype=dtype, device=device) for v in self))
+
+
+def _corrections(lr: float, beta1: float, beta2: float, k: int | torch.Tensor) -> tuple[Any, Any]:
+    """-lr / (1 - beta1^k) and sqrt(1 - beta2^k), also for a device counter (gating.py): true division
+    and pow(x, 0.5) in fp64, as the host float arithmetic does (`x / t` and `t ** 0.5` would not)."""
+    if not isinstance(k, torch.Tensor):
+        return -lr / (1.0 - beta1**k), (1.0 - beta2**k) ** 0.5
+    return (torch.div(k.new_full((), -lr), 1.0 - beta1**k),
+            torch.pow(1.0 - beta2**k, k.new_full((), 0.5)))
 
 
 def adam_update_(
@@ -103,10 +112,12 @@ def adam_update_(
             torch.sqrt(exp_avg_sq, out=root)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
-    if isinstance(step_size, torch.Tensor):  # addcdiv takes no device-tensor scale: fold it into denom
-        torch._foreach_div_(denom, step_size)
-        step_size = 1.0
-    if params[0].dtype == exp_avgs[0].dtype:
+    if params[0].dtype == exp_avgs[0].dtype and isinstance(step_size, torch.Tensor):
+        # addcdiv takes no device-tensor scale: its p + s * m / d, op by op
+        update = torch._foreach_mul(exp_avgs, step_size)
+        torch._foreach_div_(update, denom)
+        torch._foreach_add_(params, update)
+    elif params[0].dtype == exp_avgs[0].dtype:
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
     else:
         torch._foreach_add_(params, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), step_size))
@@ -313,14 +324,15 @@ class StableSPAM(torch.optim.Optimizer):
         if group["weight_decay"] != 0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
         for (device, param_dtype, _, stat_step, adam_step), bucket in buckets.items():
+            step_size, bias_correction2_sqrt = _corrections(group["lr"], beta1, beta2, adam_step)
             scalars = StepScalars(
                 beta1=beta1,
                 gamma1=gamma1,
                 clip_correction=1.0 - gamma3**stat_step,
                 norm_correction=1.0 - gamma1**stat_step,
                 norm_sq_correction=1.0 - gamma2**stat_step,
-                step_size=-group["lr"] / (1.0 - beta1**adam_step),
-                bias_correction2_sqrt=(1.0 - beta2**adam_step) ** 0.5,
+                step_size=step_size,
+                bias_correction2_sqrt=bias_correction2_sqrt,
             )
             if self._compiled:
                 scalars = scalars.to_tensors(device, stat_dtype(param_dtype))
