@@ -59,18 +59,26 @@ def gating_mode(optimizer: Any) -> str:
     return "select" if type(optimizer) in _COUNTERS else "host"
 
 
+def _use_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Switch torch Adam/AdamW to the fused kernel (only its path honours `found_inf`), whose
+    `step` counters live on the parameters' device."""
+    for group in optimizer.param_groups:
+        if group["fused"]:
+            continue
+        group["fused"], group["foreach"] = True, False
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32)
+
+
 def prepare(optimizer: Any) -> str:
     """Make `optimizer` ready for `gated_step` (torch Adam/AdamW switch to their fused kernel) and
     return one line saying how its steps are gated."""
     inner = _unwrap(optimizer)
     for opt in (inner, getattr(inner, "base", None)):
         if opt is not None and _fused_capable(opt):
-            for group in opt.param_groups:
-                group["fused"], group["foreach"] = True, False
-                for p in group["params"]:
-                    state = opt.state.get(p)
-                    if state and "step" in state:
-                        state["step"] = state["step"].to(p.device, torch.float32)
+            _use_fused(opt)
     mode = gating_mode(inner)
     name = type(inner).__name__ + (f"({type(inner.base).__name__})" if isinstance(inner, Stabilized) else "")
     if mode == "host":
@@ -120,6 +128,8 @@ def gated_step(optimizer: Any, skip: torch.Tensor) -> None:
     params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
     layers = [inner, inner.base] if isinstance(inner, Stabilized) else [inner]
     fused = [opt for opt in layers if _fused_capable(opt)]
+    for opt in fused:
+        _use_fused(opt)
     watched = [opt for opt in layers if opt not in fused]
     if isinstance(inner, Stabilized) and fused and _reset_due(inner):
         watched.append(inner.base)  # MoRet zeroes the fused base's state on the host: undo it if skipped
