@@ -104,10 +104,14 @@ def _materialize(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -
 
 
 def _counters_to_device(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
+    """Host counters (and a resumed "step", which torch's load_state_dict leaves on the CPU) become
+    fp64 tensors on the parameter's device: a copy to the device, no read back."""
     for p, state in optimizer.state.items():
         for key in keys:
-            if key in state and not isinstance(state[key], torch.Tensor):
-                state[key] = torch.tensor(float(state[key]), dtype=torch.float64, device=p.device)
+            value = state.get(key)
+            if value is not None and not (isinstance(value, torch.Tensor) and value.device == p.device
+                                          and value.dtype == torch.float64):
+                state[key] = torch.as_tensor(value, dtype=torch.float64).to(p.device)
 
 
 def _reset_due(optimizer: Stabilized) -> bool:

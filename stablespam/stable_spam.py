@@ -19,7 +19,9 @@ In both modes an all-zero gradient still takes an Adam step with its old momentu
 also what torch.optim.Adam does) and the running statistics are fp32 (quirk 4 fixed).
 
 The global step t lives in each param group (`group["global_step"]`) and every per-tensor counter in
-the per-parameter state, so `state_dict()` carries the reset phase and the cosine position.
+the per-parameter state, so `state_dict()` carries the reset phase and the cosine position. Under a
+gated step (gating.py) t counts calls, skipped ones too, while the per-tensor counters count updates
+taken and are 0-dim fp64 device tensors; the step then computes its scalars on the device.
 
 `state_bits=8|4` keeps Adam's moments as block-wise codes (quantized_state.py): the stabilizers run
 as above, then the Adam update runs chunk by chunk on dequantized fp32 moments, which are re-quantized
