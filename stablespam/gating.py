@@ -56,7 +56,7 @@ def gating_mode(optimizer: Any) -> str:
         return "found_inf"
     if isinstance(optimizer, Stabilized):
         return "select" if gating_mode(optimizer.base) != "host" else "host"
-    return "select" if type(optimizer) in _COUNTERS else "host"
+    return "select" if isinstance(optimizer, tuple(_COUNTERS)) else "host"
 
 
 def _use_fused(optimizer: torch.optim.Optimizer) -> None:
@@ -105,13 +105,15 @@ def _materialize(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -
 
 def _counters_to_device(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
     """Host counters (and a resumed "step", which torch's load_state_dict leaves on the CPU) become
-    fp64 tensors on the parameter's device: a copy to the device, no read back."""
+    fp64 tensors on the parameter's device, filled in place (a pageable copy to a GPU would sync)."""
     for p, state in optimizer.state.items():
         for key in keys:
             value = state.get(key)
-            if value is not None and not (isinstance(value, torch.Tensor) and value.device == p.device
-                                          and value.dtype == torch.float64):
-                state[key] = torch.as_tensor(value, dtype=torch.float64).to(p.device)
+            if value is None or isinstance(value, torch.Tensor) and value.device == p.device:
+                if value is not None and value.dtype != torch.float64:
+                    state[key] = value.to(torch.float64)
+                continue
+            state[key] = torch.full((), float(value), dtype=torch.float64, device=p.device)  # a host value
 
 
 def _reset_due(optimizer: Stabilized) -> bool:
@@ -139,8 +141,9 @@ def gated_step(optimizer: Any, skip: torch.Tensor) -> None:
         watched.append(inner.base)  # MoRet zeroes the fused base's state on the host: undo it if skipped
     for opt in watched:
         _materialize(opt, params)
-        _counters_to_device(opt, _COUNTERS.get(type(opt), ()))
-    before = [(p, p.detach().clone()) for p in params] if watched else []
+        _counters_to_device(opt, next((keys for cls, keys in _COUNTERS.items() if isinstance(opt, cls)), ()))
+    writes_params = any(not isinstance(opt, Stabilized) for opt in watched)  # the wrapper writes only grads
+    before = [(p, p.detach().clone()) for p in params] if writes_params else []
     states = [(opt.state[p], {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)})
               for opt in watched for p in params]
     flag = skip.to(torch.float32)

@@ -313,12 +313,13 @@ class StableSPAM(torch.optim.Optimizer):
         buckets: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
         for p in params:
             state = self.state[p] or self._init_state(p, group["fp32_moments"], bits)
+            restart = torch.ones_like(state["step"]) if isinstance(state["step"], torch.Tensor) else 1
             if official:
                 stat_step = state["step"] + 1
-                adam_step = 1 if reset else stat_step
+                adam_step = restart if reset else stat_step
             else:
                 stat_step = state["stat_step"] + 1
-                adam_step = 1 if reset else state["step"] + 1
+                adam_step = restart if reset else state["step"] + 1
             state["stat_step"], state["step"] = stat_step, adam_step
             moment_dtype = state["exp_avg"].dtype if bits == 32 else torch.float32
             buckets[(p.device, p.dtype, moment_dtype, stat_step, adam_step)].append(p)
