@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -102,3 +103,17 @@ def test_spike_policy_leaves_an_ordinary_run_alone(tmp_path, tiny_config):
         assert not any(r.get("skipped_steps") for r in records)
         losses[run.name] = [r["loss"] for r in records if "loss" in r]
     assert losses["policy"] == losses["reference"]
+
+
+def test_a_checkpoint_at_a_skipped_step_resumes_like_the_uninterrupted_run(tmp_path, monkeypatch, tiny_config):
+    poison_step(monkeypatch, bad_step=4)
+    skip = ("trainer.nonfinite_policy=skip", "trainer.spike_policy=skip", "trainer.spike_window=2")
+    train.train(tiny_config(tmp_path / "straight", *skip))
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")  # resume at step 4, skipped
+    train.train(tiny_config(tmp_path / "resumed", *skip))
+    logged = {}
+    for run in ("resumed", "straight"):
+        rows = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        logged[run] = {r["step"]: (r["loss"], r["skipped_steps"], r["last_skipped_step"]) for r in rows if "lr" in r}
+    assert logged["resumed"] == logged["straight"] and logged["straight"][4][2] == 4
