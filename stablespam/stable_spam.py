@@ -72,7 +72,11 @@ class StepScalars(NamedTuple):
     bias_correction2_sqrt: float | torch.Tensor  # sqrt(1 - beta2^k_adam)
 
     def to_tensors(self, device: torch.device, dtype: torch.dtype) -> StepScalars:
-        return StepScalars(*(torch.as_tensor(v, dtype=dtype, device=device) for v in self))
+        if not any(isinstance(v, torch.Tensor) for v in self):
+            return StepScalars(*torch.tensor(self, dtype=dtype, device=device).unbind(0))
+        # a gated step's device scalars stay where they are; host floats are filled in, not copied
+        return StepScalars(*(v.to(dtype) if isinstance(v, torch.Tensor)
+                             else torch.full((), v, dtype=dtype, device=device) for v in self))
 
 
 def _corrections(lr: float, beta1: float, beta2: float, k: int | torch.Tensor) -> tuple[Any, Any]:
