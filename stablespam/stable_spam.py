@@ -119,10 +119,14 @@ def adam_update_(
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     if params[0].dtype == exp_avgs[0].dtype and isinstance(step_size, torch.Tensor):
-        # addcdiv takes no device-tensor scale: its p + s * m / d, op by op
-        update = torch._foreach_mul(exp_avgs, step_size)
-        torch._foreach_div_(update, denom)
-        torch._foreach_add_(params, update)
+        # addcdiv takes no device-tensor scale: its p + s * m / d op by op, in its compute dtype
+        compute = torch.promote_types(params[0].dtype, torch.float32)
+        update = torch._foreach_mul([m.to(compute) for m in exp_avgs], step_size)
+        torch._foreach_div_(update, [d.to(compute) for d in denom])
+        if compute == params[0].dtype:
+            torch._foreach_add_(params, update)
+        else:
+            torch._foreach_copy_(params, torch._foreach_add([p.to(compute) for p in params], update))
     elif params[0].dtype == exp_avgs[0].dtype:
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
     else:

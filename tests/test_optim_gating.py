@@ -24,6 +24,7 @@ CASES = {
     "stable_spam_official": ("stable_spam_official", ("optimizer.reset_interval=3",), "select"),
     "stable_spam_8bit": ("stable_spam", ("optimizer.state_bits=8", "optimizer.reset_interval=3"), "select"),
     "stable_spam_4bit": ("stable_spam_4bit", ("optimizer.reset_interval=3",), "select"),
+    "stable_spam_bf16": ("stable_spam", ("optimizer.reset_interval=3",), "select"),  # bf16 parameters
     "stable_spam_gs": ("stable_spam", ("optimizer.gradient_stabilizer=true", "optimizer.reset_interval=3"),
                        "select"),
     "gradient_stabilizer": ("gradient_stabilizer", (), "select"),  # AdamW base: found_inf
@@ -50,7 +51,7 @@ def one_thread():
 def build(name: str, *extra: str):
     preset, overrides, _ = CASES[name]
     torch.manual_seed(0)
-    model = build_model(TINY)
+    model = build_model(TINY, torch.bfloat16 if name.endswith("bf16") else torch.float32)
     optimizer = build_optimizer(model, compose_optimizer(preset, *overrides, *extra), total_steps=10)
     prepare(optimizer)
     return model, optimizer
@@ -64,7 +65,7 @@ def gradients(n: int) -> list[list[torch.Tensor]]:
 
 def step(model, optimizer, grads, skip=None) -> None:
     for p, g in zip(model.parameters(), grads):
-        p.grad = g.clone()
+        p.grad = g.to(p.dtype, copy=True)
     if skip is None:
         optimizer.step()
     else:
