@@ -27,6 +27,7 @@ import data
 import models
 import quant
 import stablespam
+from stablespam.gating import prepare as prepare_gating
 from trainer import resume
 from trainer.checkpoint import CheckpointError, CheckpointManager, elastic_seed, saved_config
 from trainer.config import ConfigError, check_run_config, register_configs
@@ -150,7 +151,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Everything a checkpoint holds besides the model, the optimizer and the RNG streams.
     totals = RunningTotals(accelerator.device)
     spikes = SpikeDetector(tcfg.spike_window, tcfg.spike_z, accelerator.device)
-    loop = {"step": 0, "skipped_steps": 0, "spike_skips": 0, "wandb_id": None}
+    loop = {"step": 0, "wandb_id": None}
     reporter_notes: list[str] = []
 
     def rank_state() -> dict[str, Any]:
@@ -160,6 +161,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     def restore(state: dict[str, Any]) -> None:
         loop.update(state["loop"])
         totals.load_state_dict(state["totals"])
+        for key in ("skipped_steps", "spike_skips"):  # loop counters of checkpoints before device skip counts
+            if key in loop:
+                getattr(totals, key).fill_(loop.pop(key))
         spikes.load_state_dict(state["spikes"])
         train_loader.load_state_dict(state["data"])
         if state["saved_world_size"] == world:
@@ -230,8 +234,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 f"follows the new value), enable trainer.grad_clip, or set trainer.nonfinite_policy=skip"
             )
 
+    def stop_if_stuck() -> None:
+        """Too many consecutive skipped updates (read on logging steps and before saves)."""
+        longest, last = totals.skip_runs()
+        if longest > tcfg.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{longest} updates skipped in a row (the last at step {last}; trainer.max_consecutive_skips="
+                f"{tcfg.max_consecutive_skips}); the last checkpoint is {checkpoints.latest() or 'none'}"
+            )
+
     def save_checkpoint() -> Path:
         stop_if_nonfinite()
+        if skipping:
+            stop_if_stuck()
         return checkpoints.save(step, model, optimizer, rank_state(), cfg)
 
     def skip_if(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -243,8 +258,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return skip
 
     skipping = tcfg.nonfinite_policy == "skip" or tcfg.spike_policy == "skip"
+    if skipping:
+        reporter.info(prepare_gating(optimizer))
     batches = iter(train_loader)
-    skipped_in_a_row, lr = 0, None
+    lr = None
     window_start, paused = time.perf_counter(), 0.0
     reporter.start(step)
     while step < tcfg.max_steps:
@@ -256,33 +273,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with stablespam.recording(transforms) if transforms else contextlib.nullcontext():
             out = train_step(model, optimizer, micro_batches, accelerator, grad_clip=tcfg.grad_clip,
                              skip_if=skip_if if skipping else None)
-        if not out.stepped:
-            reason = "non-finite loss/gradient" if not bool(out.finite) else "loss/grad-norm spike"
-            skipped_in_a_row += 1
-            loop["skipped_steps"] += 1
-            loop["spike_skips"] += bool(out.finite)
-            reporter.log(step + 1, {"skipped_step": True, "skip_reason": reason, "skipped_steps": loop["skipped_steps"],
-                                    "spike_skips": loop["spike_skips"], "loss": float(out.loss),
-                                    "grad_norm": float(out.grad_norm)}, console=False)
-            reporter.info(f"step {step + 1}: {reason}, update skipped ({skipped_in_a_row} in a row)")
-            if skipped_in_a_row > tcfg.max_consecutive_skips:
-                raise NonFiniteLossError(
-                    f"{skipped_in_a_row} skipped steps in a row at step {step + 1} ({reason}; "
-                    f"trainer.max_consecutive_skips={tcfg.max_consecutive_skips}); the last good checkpoint is "
-                    f"{checkpoints.latest() or 'none'}"
-                )
-            continue
-        skipped_in_a_row = 0
-        step += 1
+        step += 1  # a skipped update still uses up its batch and its LR-schedule position
         loop["step"] = step
         totals.add(out, step)
         if tcfg.spike_policy == "skip":
-            spikes.accept(out.loss, out.grad_norm)
+            spikes.accept(out.loss, out.grad_norm, taken=~out.skipped)
 
         logging_step = step % tcfg.log_every == 0 or step == tcfg.max_steps
         if logging_step:
             stop_if_nonfinite()
+            if skipping:
+                stop_if_stuck()
             window = totals.read_window()
+            if window["window_skipped"]:
+                reporter.info(f"step {step}: {window['window_skipped']} update(s) skipped since the last log "
+                              f"(the last at step {window['last_skipped_step']}; {window['skipped_steps']} in all, "
+                              f"{window['spike_skips']} as spikes)")
             elapsed = time.perf_counter() - window_start - paused
             tokens_per_s = window["window_tokens"] / elapsed if elapsed > 0 else None
             grad_norm = window["grad_norm"]
@@ -292,8 +298,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "grad_norm_clipped": min(grad_norm, tcfg.grad_clip) if tcfg.grad_clip else grad_norm,
                 "tokens_seen": window["tokens_seen"], "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops and tokens_per_s else None,
-                "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_steps": loop["skipped_steps"],
-                "spike_skips": loop["spike_skips"],
+                "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_steps": window["skipped_steps"],
+                "spike_skips": window["spike_skips"], "window_skipped": window["window_skipped"],
+                "last_skipped_step": window["last_skipped_step"],
                 "data_skipped_lines": train_loader.skipped_lines, **(transforms.read() if transforms else {}),
             }, console=True)
             window_start, paused = time.perf_counter(), 0.0

@@ -120,10 +120,9 @@ class Stabilized(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"Stabilized({self.base!r}, transforms={self.transforms}, moret={self.moret})"
 
-    def _advance_counters(self, p: torch.Tensor) -> tuple[int | None, ...]:
-        """Each transform's step count for `p` after this step (None where it keeps no Python counter)."""
+    def init_statistics(self, p: torch.Tensor) -> None:
+        """Create the statistics (and counters at 0) of the transforms that `p` has none of yet."""
         state = self.state[p]
-        counts: list[int | None] = []
         for transform in self.transforms:
             counter, stats = _STATISTICS.get(type(transform), (None, ()))
             if stats and (counter or stats[0]) not in state:
@@ -132,6 +131,15 @@ class Stabilized(torch.optim.Optimizer):
                     state[key] = torch.zeros((), dtype=dtype, device=p.device)
                 if counter:
                     state[counter] = 0
+
+    def _advance_counters(self, p: torch.Tensor) -> tuple[int | torch.Tensor | None, ...]:
+        """Each transform's step count for `p` after this step (None where it keeps no counter of its
+        own; a device tensor after a gated step, see gating.py)."""
+        self.init_statistics(p)
+        state = self.state[p]
+        counts: list[int | torch.Tensor | None] = []
+        for transform in self.transforms:
+            counter = _STATISTICS.get(type(transform), (None, ()))[0]
             if counter:
                 state[counter] += 1
             counts.append(state[counter] if counter else None)

@@ -19,7 +19,9 @@ In both modes an all-zero gradient still takes an Adam step with its old momentu
 also what torch.optim.Adam does) and the running statistics are fp32 (quirk 4 fixed).
 
 The global step t lives in each param group (`group["global_step"]`) and every per-tensor counter in
-the per-parameter state, so `state_dict()` carries the reset phase and the cosine position.
+the per-parameter state, so `state_dict()` carries the reset phase and the cosine position. Under a
+gated step (gating.py) t counts calls, skipped ones too, while the per-tensor counters count updates
+taken and are 0-dim fp64 device tensors; the step then computes its scalars on the device.
 
 `state_bits=8|4` keeps Adam's moments as block-wise codes (quantized_state.py): the stabilizers run
 as above, then the Adam update runs chunk by chunk on dequantized fp32 moments, which are re-quantized
@@ -70,7 +72,20 @@ class StepScalars(NamedTuple):
     bias_correction2_sqrt: float | torch.Tensor  # sqrt(1 - beta2^k_adam)
 
     def to_tensors(self, device: torch.device, dtype: torch.dtype) -> StepScalars:
-        return StepScalars(*torch.tensor(self, dtype=dtype, device=device).unbind(0))
+        if not any(isinstance(v, torch.Tensor) for v in self):
+            return StepScalars(*torch.tensor(self, dtype=dtype, device=device).unbind(0))
+        # a gated step's device scalars stay where they are; host floats are filled in, not copied
+        return StepScalars(*(v.to(dtype) if isinstance(v, torch.Tensor)
+                             else torch.full((), v, dtype=dtype, device=device) for v in self))
+
+
+def _corrections(lr: float, beta1: float, beta2: float, k: int | torch.Tensor) -> tuple[Any, Any]:
+    """-lr / (1 - beta1^k) and sqrt(1 - beta2^k), also for a device counter (gating.py): true division
+    and pow(x, 0.5) in fp64, as the host float arithmetic does (`x / t` and `t ** 0.5` would not)."""
+    if not isinstance(k, torch.Tensor):
+        return -lr / (1.0 - beta1**k), (1.0 - beta2**k) ** 0.5
+    return (torch.div(k.new_full((), -lr), 1.0 - beta1**k),
+            torch.pow(1.0 - beta2**k, k.new_full((), 0.5)))
 
 
 def adam_update_(
@@ -103,10 +118,16 @@ def adam_update_(
             torch.sqrt(exp_avg_sq, out=root)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
-    if isinstance(step_size, torch.Tensor):  # addcdiv takes no device-tensor scale: fold it into denom
-        torch._foreach_div_(denom, step_size)
-        step_size = 1.0
-    if params[0].dtype == exp_avgs[0].dtype:
+    if params[0].dtype == exp_avgs[0].dtype and isinstance(step_size, torch.Tensor):
+        # addcdiv takes no device-tensor scale: its p + s * m / d op by op, in its compute dtype
+        compute = torch.promote_types(params[0].dtype, torch.float32)
+        update = torch._foreach_mul([m.to(compute) for m in exp_avgs], step_size)
+        torch._foreach_div_(update, [d.to(compute) for d in denom])
+        if compute == params[0].dtype:
+            torch._foreach_add_(params, update)
+        else:
+            torch._foreach_copy_(params, torch._foreach_add([p.to(compute) for p in params], update))
+    elif params[0].dtype == exp_avgs[0].dtype:
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
     else:
         torch._foreach_add_(params, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), step_size))
@@ -300,12 +321,13 @@ class StableSPAM(torch.optim.Optimizer):
         buckets: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
         for p in params:
             state = self.state[p] or self._init_state(p, group["fp32_moments"], bits)
+            restart = torch.ones_like(state["step"]) if isinstance(state["step"], torch.Tensor) else 1
             if official:
                 stat_step = state["step"] + 1
-                adam_step = 1 if reset else stat_step
+                adam_step = restart if reset else stat_step
             else:
                 stat_step = state["stat_step"] + 1
-                adam_step = 1 if reset else state["step"] + 1
+                adam_step = restart if reset else state["step"] + 1
             state["stat_step"], state["step"] = stat_step, adam_step
             moment_dtype = state["exp_avg"].dtype if bits == 32 else torch.float32
             buckets[(p.device, p.dtype, moment_dtype, stat_step, adam_step)].append(p)
@@ -313,14 +335,15 @@ class StableSPAM(torch.optim.Optimizer):
         if group["weight_decay"] != 0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
         for (device, param_dtype, _, stat_step, adam_step), bucket in buckets.items():
+            step_size, bias_correction2_sqrt = _corrections(group["lr"], beta1, beta2, adam_step)
             scalars = StepScalars(
                 beta1=beta1,
                 gamma1=gamma1,
                 clip_correction=1.0 - gamma3**stat_step,
                 norm_correction=1.0 - gamma1**stat_step,
                 norm_sq_correction=1.0 - gamma2**stat_step,
-                step_size=-group["lr"] / (1.0 - beta1**adam_step),
-                bias_correction2_sqrt=(1.0 - beta2**adam_step) ** 0.5,
+                step_size=step_size,
+                bias_correction2_sqrt=bias_correction2_sqrt,
             )
             if self._compiled:
                 scalars = scalars.to_tensors(device, stat_dtype(param_dtype))

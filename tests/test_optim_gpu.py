@@ -18,6 +18,7 @@ from stablespam import (
     build_optimizer,
     load_state_keeping_hyperparameters,
 )
+from stablespam.gating import gated_step, prepare
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -116,3 +117,33 @@ def test_gradient_stabilizer_step_never_syncs_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
     assert opt.skipped_tensors().item() == 6
     assert opt.state[params[0]]["gs_step"].item() == 3
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("adamw", ()),
+    ("stable_spam", ("optimizer.reset_interval=2",)),
+    ("stable_spam_official", ("optimizer.reset_interval=2",)),
+    ("stable_spam", ("optimizer.state_bits=4", "optimizer.reset_interval=2")),
+    ("lion_adagn_adaclip", ()),
+    ("gradient_stabilizer", ()),
+    ("adam_moret_adagn_adaclip", ("optimizer.moret_interval=2",)),
+])
+def test_gated_steps_never_synchronize(name, overrides):
+    """stablespam.gating's device modes, resets on skipped steps included, under CUDA's sync detector."""
+    torch.manual_seed(0)
+    model = build_model(TINY).to(DEVICE)
+    optimizer = build_optimizer(model, compose_optimizer(name, *overrides), total_steps=10)
+    assert "read on the host" not in prepare(optimizer)
+    ids = torch.randint(0, TINY.vocab_size, (2, 12), device=DEVICE)
+    skips = torch.tensor([False, True, False, True, False], device=DEVICE)
+    for i in range(len(skips)):
+        model(input_ids=ids, labels=ids).loss.backward()
+        params = [p.detach().clone() for p in model.parameters()]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gated_step(optimizer, skips[i])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        optimizer.zero_grad(set_to_none=True)
+        unchanged = all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+        assert unchanged == (i % 2 == 1)

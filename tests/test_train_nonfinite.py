@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -46,23 +47,35 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert saved == ["step_00000002"]
 
 
-def test_skipped_step_is_not_an_optimizer_step(tmp_path, monkeypatch, tiny_config):
+def test_a_skipped_update_uses_up_its_batch_and_schedule_position(tmp_path, monkeypatch, tiny_config):
+    """Step 3's update is skipped on the device: the step counter and the LR schedule go on, the
+    skip is counted and logged on the logging step, and the optimizer's update counters do not move."""
     poison_step(monkeypatch, bad_step=3)
     cfg = tiny_config(tmp_path, "trainer.nonfinite_policy=skip", "trainer.warmup_steps=2")
     results = train.train(cfg)
     assert results["step"] == 6 and math.isfinite(results["val_loss"])
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r.get("skipped_step")] == [3]
-    taken = {r["step"]: r for r in records if "lr" in r}
-    assert sorted(taken) == [1, 2, 3, 4, 5, 6], "six optimizer steps were taken, the skip is not one"
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if "lr" in r}
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
     schedule = WarmupDecay.from_config(cfg.trainer)
-    for step, record in taken.items():
+    for step, record in records.items():
         assert record["lr"] == pytest.approx(cfg.optimizer.lr * schedule(step - 1), rel=1e-12)
-    assert taken[6]["skipped_steps"] == 1
-    assert all(math.isfinite(r["loss"]) for r in taken.values())
+        assert record["window_skipped"] == (step == 3)
+        assert record["skipped_steps"] == (step >= 3) and record["spike_skips"] == 0
+        assert record["last_skipped_step"] == (3 if step >= 3 else -1)
+        assert (record["loss"] is None) == (step == 3), "a window without an update taken has no loss"
     optimizer = torch.load(tmp_path / "checkpoints" / "step_00000006" / "optimizer.pt", weights_only=False)
-    assert optimizer["param_groups"][0]["global_step"] == 6, "Stable-SPAM's counter follows the steps taken"
+    assert optimizer["param_groups"][0]["global_step"] == 6, "Stable-SPAM's schedule counts every step"
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {5.0}, "five updates were taken"
 
+
+def test_too_many_skips_in_a_row_stop_on_the_logging_step(tmp_path, monkeypatch, tiny_config):
+    for bad in (3, 4):
+        poison_step(monkeypatch, bad_step=bad)
+    with pytest.raises(train.NonFiniteLossError, match="2 updates skipped in a row .the last at step 4"):
+        train.train(tiny_config(tmp_path, "trainer.nonfinite_policy=skip", "trainer.max_consecutive_skips=1",
+                                "trainer.log_every=4"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
 
 
 SPIKE_RUN = ["trainer.spike_policy=skip", "trainer.spike_window=3", "trainer.spike_z=6", "trainer.max_steps=8",
@@ -72,11 +85,12 @@ SPIKE_RUN = ["trainer.spike_policy=skip", "trainer.spike_window=3", "trainer.spi
 def test_spike_policy_skips_an_injected_spike_and_nothing_else(tmp_path, monkeypatch, tiny_config):
     scale_step(monkeypatch, bad_step=6, factor=50.0)
     results = train.train(tiny_config(tmp_path, *SPIKE_RUN))
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    skipped = [(r["step"], r["skip_reason"]) for r in records if r.get("skipped_step")]
-    assert skipped == [(6, "loss/grad-norm spike")]
-    assert results["step"] == 8 and max(r["step"] for r in records if "lr" in r) == 8
-    assert [r for r in records if r["step"] == 8 and "lr" in r][0]["spike_skips"] == 1
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if "lr" in r}
+    assert results["step"] == 8 and sorted(records) == list(range(1, 9))
+    assert [s for s, r in records.items() if r["window_skipped"]] == [6]
+    assert records[6]["last_skipped_step"] == 6
+    assert records[8]["spike_skips"] == records[8]["skipped_steps"] == 1
 
 
 def test_spike_policy_leaves_an_ordinary_run_alone(tmp_path, tiny_config):
@@ -86,6 +100,20 @@ def test_spike_policy_leaves_an_ordinary_run_alone(tmp_path, tiny_config):
     losses = {}
     for run in (reference, tmp_path / "policy"):
         records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-        assert not any(r.get("skipped_step") for r in records)
+        assert not any(r.get("skipped_steps") for r in records)
         losses[run.name] = [r["loss"] for r in records if "loss" in r]
     assert losses["policy"] == losses["reference"]
+
+
+def test_a_checkpoint_at_a_skipped_step_resumes_like_the_uninterrupted_run(tmp_path, monkeypatch, tiny_config):
+    poison_step(monkeypatch, bad_step=4)
+    skip = ("trainer.nonfinite_policy=skip", "trainer.spike_policy=skip", "trainer.spike_window=2")
+    train.train(tiny_config(tmp_path / "straight", *skip))
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")  # resume at step 4, skipped
+    train.train(tiny_config(tmp_path / "resumed", *skip))
+    logged = {}
+    for run in ("resumed", "straight"):
+        rows = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        logged[run] = {r["step"]: (r["loss"], r["skipped_steps"], r["last_skipped_step"]) for r in rows if "lr" in r}
+    assert logged["resumed"] == logged["straight"] and logged["straight"][4][2] == 4

@@ -15,6 +15,7 @@ from trainer import resume
 from trainer.config import ConfigError
 from trainer.metrics import device_peak_flops
 from trainer.reporting import progress_bar, truncate_metrics
+from trainer.spikes import SpikeDetector
 from trainer.step import RunningTotals, StepOutput, gradient_norm
 
 
@@ -80,6 +81,35 @@ def test_running_totals_count_real_tokens_and_remember_the_first_bad_step():
     restored = RunningTotals(torch.device("cpu"))
     restored.load_state_dict(totals.state_dict())
     assert restored.read_window()["tokens_seen"] == 170 and restored.nonfinite_step() == 3
+
+
+def test_running_totals_count_skips_and_the_longest_run_on_the_device():
+    totals = RunningTotals(torch.device("cpu"))
+
+    def out(loss, skipped, finite=True):
+        return StepOutput(torch.tensor(loss, dtype=torch.float64), torch.tensor(1.0), torch.tensor(10),
+                          torch.tensor(finite), torch.tensor(skipped))
+
+    for step, (loss, skipped, finite) in enumerate([(2.0, False, True), (9.0, True, True),
+                                                    (float("nan"), True, False), (4.0, False, True)], 1):
+        totals.add(out(loss, skipped, finite), step)
+    window = totals.read_window()
+    assert window["loss"] == 3.0, "skipped steps stay out of the mean loss"
+    assert (window["skipped_steps"], window["spike_skips"], window["window_skipped"]) == (2, 1, 2)
+    assert totals.skip_runs() == (2, 3)
+    totals.add(out(1.0, True), 5)
+    assert totals.read_window()["window_skipped"] == 1 and totals.skip_runs() == (2, 5)
+    restored = RunningTotals(torch.device("cpu"))
+    restored.load_state_dict(totals.state_dict())
+    assert restored.skip_runs() == (2, 5) and restored.read_window()["skipped_steps"] == 3
+
+
+def test_spike_detector_records_only_taken_steps():
+    detector = SpikeDetector(window=2, z=1.0, device=torch.device("cpu"))
+    for loss, taken in ((1.0, True), (50.0, False), (2.0, True)):
+        detector.accept(torch.tensor(loss), torch.tensor(1.0), taken=torch.tensor(taken))
+    assert int(detector.seen) == 2
+    assert detector.history[0].tolist() == [1.0, 2.0]
 
 
 def test_changed_settings_are_listed_and_unhonourable_ones_refused():

@@ -35,11 +35,13 @@ class TrainerConfig:
     """Read metrics back from the device (one host sync) and log them every N steps."""
     seed: int = 42
     nonfinite_policy: str = "stop"
-    """stop: end the run with a message (the last checkpoint stays) | skip: drop the step."""
+    """stop: end the run with a message (the last checkpoint stays) | skip: drop the update, gated on
+    the device (the step and its batch are used up; more than max_consecutive_skips in a row stop the
+    run at the next logging step or save)."""
     max_consecutive_skips: int = 5
     spike_policy: str = "off"
     """off | skip: drop an update whose loss or grad norm is more than spike_z standard deviations above
-    the mean of the last spike_window accepted steps (decided on the device; applying it reads one flag per step)."""
+    the mean of the last spike_window accepted steps (decided and applied on the device, see stablespam/gating.py)."""
     spike_z: float = 6.0
     spike_window: int = 100
     quant_error_every: int = 100

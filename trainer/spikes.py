@@ -5,10 +5,10 @@ the mean of the last `window` accepted steps. The statistics live in a ring buff
 and the decision is a device tensor; only accepted steps enter the buffer, so a burst of spikes
 cannot raise its own threshold. Until the buffer holds `window` steps nothing is a spike.
 
-Applying a skip needs the host: a skipped update is not an optimizer step (the LR schedule and the
-optimizer's counters stay aligned with the updates taken), so with the policy on the loop reads the
-decision once per step, like `trainer.nonfinite_policy=skip`. With the policy off (the default)
-nothing here runs.
+Applying a skip needs no host read either: the optimizer step is gated on the decision on the
+device (`stablespam.gating`), and `accept` records a step only where its update was taken. A skipped
+step still uses up its batch and its LR-schedule position (as in OLMo-core); the loop counts skips
+on the device and logs them on logging steps. With the policy off (the default) nothing here runs.
 """
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ class SpikeDetector:
         above = (values - mean) > self.z * std
         return (self.seen >= self.window) & above.any() & torch.isfinite(values).all()
 
-    def accept(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Record an accepted step (device ops only)."""
+    def accept(self, loss: torch.Tensor, grad_norm: torch.Tensor, taken: torch.Tensor | None = None) -> None:
+        """Record a step whose update was taken (`taken`, a device bool; None: taken), device ops only."""
         slot = self.seen % self.window
-        self.history.index_copy_(1, slot.reshape(1), torch.stack([loss.double(), grad_norm.double()]).reshape(2, 1))
-        self.seen += 1
+        values = torch.stack([loss.double(), grad_norm.double()]).reshape(2, 1)
+        if taken is not None:  # a skipped step writes its slot's old values back and does not count
+            values = torch.where(taken, values, self.history.index_select(1, slot.reshape(1)))
+        self.history.index_copy_(1, slot.reshape(1), values)
+        self.seen += 1 if taken is None else taken
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.cpu(), "seen": self.seen.cpu()}

@@ -2,9 +2,11 @@
 
 `train_step` runs the micro-batches of one global batch (gradient all-reduce only on the last),
 measures the gradient norm (clipping only when asked), and steps the optimizer. It reads nothing
-back to the host unless the caller asks it to skip non-finite updates, so a step on a GPU queues
-its kernels and returns. `RunningTotals` accumulates what the loop logs (loss, real tokens, the
-first non-finite step) on the device; the loop reads it only on logging steps.
+back to the host, also when the caller skips updates on a device decision (`stablespam.gating`;
+only optimizers that need host counters read it, see there), so a step on a GPU queues its kernels
+and returns. `RunningTotals` accumulates what the loop logs (loss, real tokens, the first
+non-finite step, skipped updates and the longest run of them) on the device; the loop reads it
+only on logging steps and before saving a checkpoint.
 
 A batch is `{"input_ids": (B, T), "targets": (B, T)}` with `targets[b, i]` the token that follows
 `input_ids[b, i]` and -100 where there is none, so only real next-token targets are counted.
@@ -20,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+
+from stablespam.gating import gated_step
 
 IGNORE_INDEX = -100
 
@@ -46,14 +50,14 @@ def target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @dataclass
 class StepOutput:
     """Device tensors of one step: mean loss over the global batch, gradient norm before clipping,
-    global count of real target tokens, whether both loss and norm are finite; `stepped` is False
-    only for an update that `skip_if` rejected."""
+    global count of real target tokens, whether both loss and norm are finite; `skipped` (a device
+    bool, None without `skip_if`) whether `skip_if` rejected the update."""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     targets: torch.Tensor
     finite: torch.Tensor
-    stepped: bool = True
+    skipped: torch.Tensor | None = None
 
 
 def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -77,8 +81,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     The loss is normalised by the global number of target tokens, so 1 and N processes (and any
     accumulation split) compute the same gradient. `skip_if(loss, grad_norm)` returns a device bool
-    (e.g. "not finite", "a spike"); when given, the step reads it on the host (one sync) and skips
-    the update when it is True.
+    (e.g. "not finite", "a spike"); when given, the optimizer step is gated on it on the device
+    (`stablespam.gating.gated_step`): a True leaves parameters and optimizer state as they were.
     """
     world = accelerator.num_processes
     global_targets = accelerator.reduce(sum(target_count(b) for b in micro_batches), reduction="sum")
@@ -94,18 +98,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     loss = accelerator.reduce(loss_sum, reduction="sum") / global_targets
     grad_norm = gradient_norm(model, accelerator, grad_clip)
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    stepped = skip_if is None or not bool(skip_if(loss, grad_norm))
-    if stepped:
+    skipped = None if skip_if is None else skip_if(loss, grad_norm)
+    if skipped is None:
         optimizer.step()
+    else:
+        gated_step(optimizer, skipped)
     optimizer.zero_grad(set_to_none=True)
-    return StepOutput(loss, grad_norm, global_targets, finite, stepped)
+    return StepOutput(loss, grad_norm, global_targets, finite, skipped)
 
 
 class RunningTotals:
     """What the loop logs, accumulated on the device between logging steps (no host sync).
 
     The window (loss sum, steps, real tokens) and the run totals (tokens seen, first non-finite
-    step) are checkpointed, so a resumed run logs exactly what the uninterrupted one would.
+    step, skipped updates) are checkpointed, so a resumed run logs exactly what the uninterrupted
+    one would. A skipped update is a step (its batch and schedule position are used up) whose loss
+    stays out of the window mean.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -117,6 +125,10 @@ class RunningTotals:
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
         self.window_grad_norm_max = torch.zeros((), dtype=torch.float32, device=device)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_steps, self.spike_skips, self.window_skipped = zero.clone(), zero.clone(), zero.clone()
+        self.skip_run, self.longest_skip_run = zero.clone(), zero.clone()  # consecutive skipped updates
+        self.last_skipped_step = torch.full((), -1, dtype=torch.int64, device=device)
 
     def add(self, out: StepOutput, step: int) -> None:
         """Account one step (`step`: its 1-based number); skipped updates still count their tokens."""
@@ -124,9 +136,19 @@ class RunningTotals:
         self.window_tokens += out.targets
         self.last_grad_norm.copy_(out.grad_norm)
         torch.maximum(self.window_grad_norm_max, out.grad_norm.float(), out=self.window_grad_norm_max)
-        if out.stepped:
+        if out.skipped is None:
             self.window_loss += out.loss
             self.window_steps += 1
+        else:
+            skipped = out.skipped
+            self.window_loss += torch.where(skipped, 0.0, out.loss)
+            self.window_steps += ~skipped
+            self.skipped_steps += skipped
+            self.window_skipped += skipped
+            self.spike_skips += skipped & out.finite  # a finite step is skipped only as a spike
+            self.skip_run.copy_(torch.where(skipped, self.skip_run + 1, 0))
+            torch.maximum(self.longest_skip_run, self.skip_run, out=self.longest_skip_run)
+            self.last_skipped_step.copy_(torch.where(skipped, step, self.last_skipped_step))
         unseen = self.first_nonfinite_step < 0
         self.first_nonfinite_step.copy_(torch.where(~out.finite & unseen, step, self.first_nonfinite_step))
 
@@ -134,6 +156,10 @@ class RunningTotals:
         """The first step with a non-finite loss or gradient norm (one host sync), or None."""
         step = int(self.first_nonfinite_step)
         return step if step >= 0 else None
+
+    def skip_runs(self) -> tuple[int, int]:
+        """The longest run of consecutive skipped updates so far and the last skipped step (-1: none); syncs."""
+        return int(self.longest_skip_run), int(self.last_skipped_step)
 
     def read_window(self) -> dict[str, float | int]:
         """The window's mean loss, its real tokens and the totals, then start a new window (syncs)."""
@@ -144,7 +170,12 @@ class RunningTotals:
             "tokens_seen": int(self.tokens_seen),
             "grad_norm": float(self.last_grad_norm),
             "grad_norm_max": float(self.window_grad_norm_max),
+            "skipped_steps": int(self.skipped_steps),
+            "spike_skips": int(self.spike_skips),
+            "window_skipped": int(self.window_skipped),
+            "last_skipped_step": int(self.last_skipped_step),
         }
+        self.window_skipped.zero_()
         self.window_grad_norm_max.zero_()
         self.window_loss.zero_()
         self.window_steps.zero_()
