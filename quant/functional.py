@@ -68,6 +68,10 @@ def quantize_with_mask(
         if generator is None:
             raise QuantConfigError("quant hadamard_random needs a generator or the GEMM's signs")
         signs = random_signs(spec.hadamard_size, generator, x.device)
+    k = y.shape[-1]
+    pad = (-k) % spec.hadamard_size if spec.hadamard_size else 0
+    if pad:  # rotate a zero-padded last dim, as a kernel pads a reduction dim to the block
+        y = F.pad(y, (0, pad))
     if spec.hadamard_size:
         y = hadamard_rotate(y.float(), spec.hadamard_size, signs).to(compute_dtype)
     groups, ungroup, valid = _to_groups(y, spec)
@@ -77,6 +81,9 @@ def quantize_with_mask(
     if spec.hadamard_size:
         out = hadamard_rotate(out.float(), spec.hadamard_size, signs, inverse=True)
     mask = ungroup(in_range) if need_mask else None
+    if pad:
+        out = crop(out, [*out.shape[:-1], k])
+        mask = None if mask is None else crop(mask, [*mask.shape[:-1], k])
     return out.to(x.dtype), mask
 
 
@@ -370,10 +377,11 @@ _QUANTIZERS = {
 
 
 def hadamard_matrix(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix (symmetric, so it is its own inverse)."""
+    """Orthonormal Sylvester Hadamard matrix (symmetric, so it is its own inverse), in float64
+    so that each dtype gets 1/sqrt(size) correctly rounded."""
     key = (size, torch.device(device))
     if key not in _HADAMARD_CACHE:
-        h = torch.ones(1, 1)
+        h = torch.ones(1, 1, dtype=torch.float64)
         while h.shape[0] < size:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         _HADAMARD_CACHE[key] = (h / size**0.5).to(key[1])
