@@ -1,11 +1,11 @@
-"""Quantized linear layer: fake-quantized weights, activations and (optionally) gradients.
+"""Quantized linear layer: fake-quantized operands in each of its three GEMMs.
 
 `QuantLinear` subclasses `nn.Linear` and reuses the original Parameter objects, so parameter
 names, `state_dict` keys (HF-compatible) and optimizer bindings are unchanged by conversion.
-Its three GEMMs are written out (`_QuantLinearFunction`): Y = X_q W_q^T, dX = q(G) W_q and
-dW = q(G)^T X_q as in the official code, where the gradient G, when quantized, is grouped along
-the reduction dimension of each backward GEMM; the straight-through estimator passes dL/dW_q
-and dL/dX_q on to W and X.
+Its three GEMMs are written out (`_QuantLinearFunction`): Y = X_q W_q^T, dX = q(dY) q(W^T)^T and
+dW = q(dY^T) q(X^T)^T, every operand quantized along its GEMM's reduction dimension as the
+layer's `GemmPlan` says (quant.gemms; by default the backward reuses W_q and X_q, as the official
+code); the straight-through estimator passes dL/dW_q and dL/dX_q on to W and X.
 """
 from __future__ import annotations
 
