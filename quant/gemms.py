@@ -6,7 +6,7 @@
 
 Every operand is quantized along its GEMM's reduction dimension, so `group_size`, `block_2d`,
 `hadamard_size` etc. of a slot act on that dimension (W^T's blocks run along out_features, X^T's
-and dY^T's along the tokens). A slot left at None takes the simple keys `quant.weight`,
+and dY^T's along the tokens). A slot left unset (format "inherit") takes the simple keys `quant.weight`,
 `quant.activation` and `quant.gradient` (the forward and both dY slots), and the backward's W and
 X slots default to reusing the forward's quantized W_q and X_q (the official code's straight-through
 backward), so the simple configs mean exactly what they meant before per-GEMM specs existed.
@@ -19,33 +19,43 @@ from typing import NamedTuple, Optional
 from quant.spec import QuantConfigError, QuantSpec
 
 
+INHERIT = "inherit"
+"""The format of a slot not set under quant.gemms (see module docstring)."""
+
+
+def _inherit() -> QuantSpec:
+    return QuantSpec(INHERIT)
+
+
 @dataclass
 class ForwardGemm:
-    """Y = X W^T. None: quant.activation / quant.weight."""
+    """Y = X W^T. Inherit: quant.activation / quant.weight."""
 
-    input: Optional[QuantSpec] = None
-    weight: Optional[QuantSpec] = None
+    input: QuantSpec = field(default_factory=_inherit)
+    weight: QuantSpec = field(default_factory=_inherit)
 
 
 @dataclass
 class DgradGemm:
-    """dX = dY W. grad_output None: quant.gradient; weight None: the forward's W_q, reused."""
+    """dX = dY W. Inherit: grad_output quant.gradient; weight the forward's W_q, reused."""
 
-    grad_output: Optional[QuantSpec] = None
-    weight: Optional[QuantSpec] = None
+    grad_output: QuantSpec = field(default_factory=_inherit)
+    weight: QuantSpec = field(default_factory=_inherit)
 
 
 @dataclass
 class WgradGemm:
-    """dW = dY^T X. grad_output None: quant.gradient; input None: the forward's X_q, reused."""
+    """dW = dY^T X. Inherit: grad_output quant.gradient; input the forward's X_q, reused."""
 
-    grad_output: Optional[QuantSpec] = None
-    input: Optional[QuantSpec] = None
+    grad_output: QuantSpec = field(default_factory=_inherit)
+    input: QuantSpec = field(default_factory=_inherit)
 
 
 @dataclass
 class GemmSpecs:
-    """The `quant.gemms` node: explicit per-GEMM operand specs (see module docstring)."""
+    """The `quant.gemms` node: explicit per-GEMM operand specs (see module docstring). Slots are
+    always QuantSpec nodes (format "inherit" when unset) so that a command line can set one field,
+    e.g. `quant.gemms.wgrad.input.format=nvfp4`."""
 
     forward: ForwardGemm = field(default_factory=ForwardGemm)
     dgrad: DgradGemm = field(default_factory=DgradGemm)
@@ -54,10 +64,14 @@ class GemmSpecs:
     @property
     def explicit(self) -> bool:
         return any(
-            getattr(gemm, slot) is not None
+            _set(getattr(gemm, slot))
             for gemm in (self.forward, self.dgrad, self.wgrad)
             for slot in gemm.__dataclass_fields__
         )
+
+
+def _set(spec: Optional[QuantSpec]) -> bool:
+    return spec is not None and spec.format != INHERIT
 
 
 class GemmPlan(NamedTuple):
@@ -70,10 +84,6 @@ class GemmPlan(NamedTuple):
     dgrad_weight: Optional[QuantSpec]
     wgrad_grad_output: QuantSpec
     wgrad_input: Optional[QuantSpec]
-
-    @property
-    def backward_quantized(self) -> bool:
-        return any(s is not None and s.enabled for s in self[2:])
 
     def summary(self) -> str:
         """One short line, e.g. 'fwd X(..) W(..) | dgrad dY(..) W(=fwd) | wgrad dY(..) X(=fwd)'."""
@@ -89,7 +99,12 @@ class GemmPlan(NamedTuple):
 
 
 def _check(spec: Optional[QuantSpec], key: str) -> Optional[QuantSpec]:
-    return None if spec is None else spec.validate(key).resolved()
+    """The validated, resolved spec of a slot, or None when it is not set (None or inherit)."""
+    if spec is not None and spec.format == INHERIT and spec != QuantSpec(INHERIT):
+        raise QuantConfigError(
+            f"quant {key}: fields set on an inherited slot would be ignored; set its format too"
+        )
+    return spec.validate(key).resolved() if _set(spec) else None
 
 
 def _check_pair(gemm: str, names: tuple[str, str], a: Optional[QuantSpec], b: Optional[QuantSpec]):
@@ -111,7 +126,7 @@ def resolve_gemms(
     gemms: Optional[GemmSpecs] = None,
     estimator: str = "ste",
 ) -> GemmPlan:
-    """Fill the None slots from the simple keys, validate every slot (errors name the key)."""
+    """Fill the unset slots from the simple keys, validate every slot (errors name the key)."""
     gemms = gemms or GemmSpecs()
     forward_input = _check(gemms.forward.input, "gemms.forward.input") or _check(activation, "activation")
     forward_weight = _check(gemms.forward.weight, "gemms.forward.weight") or _check(weight, "weight")

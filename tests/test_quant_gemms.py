@@ -33,6 +33,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def quant_hydra():
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    cs = ConfigStore.instance()
+    quant.register_configs(cs)
+    cs.store(name="quant_schema", node=quant.QuantConfig)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
 def _recipe(name: str):
     cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     cfg.pop("defaults")
@@ -384,6 +399,15 @@ def test_bad_per_gemm_settings_fail_with_one_line_naming_the_key(change, key):
     with pytest.raises(QuantConfigError, match=key) as error:
         to_quant_config(OmegaConf.merge(base, change))
     assert "\n" not in str(error.value)
+
+
+def test_a_single_per_gemm_field_is_set_from_the_command_line(quant_hydra):
+    from hydra import compose
+
+    cfg = to_quant_config(compose(config_name="nvfp4", overrides=["gemms.wgrad.input.format=int8"]))
+    assert cfg.gemms.wgrad.input == QuantSpec("int8") and cfg.gemms.explicit
+    with pytest.raises(QuantConfigError, match="gemms.dgrad.weight: fields set on an inherited slot"):
+        to_quant_config(compose(config_name="nvfp4", overrides=["gemms.dgrad.weight.stochastic=true"]))
 
 
 def test_unknown_per_gemm_key_is_refused():
