@@ -35,8 +35,8 @@ class QuantConfig:
     target_modules: leaf names of the nn.Linear modules to convert.
     exclude_modules: fnmatch patterns on full module names to leave in high precision.
     keep_first_blocks / keep_last_blocks: decoder blocks (`layers.N.`) left in high precision.
-    gemms: explicit per-GEMM operand specs (quant.gemms); its None slots take weight /
-        activation / gradient, so the simple keys remain the common case.
+    gemms: explicit per-GEMM operand specs (quant.gemms, see quant.gemms); its unset slots take
+        weight / activation / gradient, so the simple keys remain the common case.
     keep_last_fraction: also keep the last round(fraction x blocks) decoder blocks in high
         precision (NVIDIA's NVFP4 recipe: about 15%), whatever the model's depth.
     bf16_last_fraction: precision policy: the last fraction of the run's steps train every
