@@ -371,12 +371,12 @@ def test_precision_policy_switches_to_unquantized_for_the_last_fraction():
     assert "bf16 for the last 10% of steps" in converter.describe()
 
 
-def test_keep_last_fraction_keeps_the_last_blocks_in_high_precision():
-    cfg = quant.QuantConfig(method="fake", weight=QuantSpec("int4"), keep_last_fraction=0.15)
+def test_nvfp4_recipe_keeps_the_last_15_percent_of_blocks_and_lm_head_in_high_precision():
     model = build_model(replace(TINY, num_hidden_layers=12))
-    build_converter(cfg).convert(model)
-    quantized = {int(n.split(".")[2]) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert quantized == set(range(10))  # round(0.15 x 12) = 2 blocks kept
+    build_converter(_recipe("nvfp4_recipe")).convert(model)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert {int(n.split(".")[2]) for n in quantized} == set(range(10))  # round(0.15 x 12) = 2 kept
+    assert len(quantized) == 10 * 7 and type(model.lm_head) is nn.Linear
 
 
 @pytest.mark.parametrize(
