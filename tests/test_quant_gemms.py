@@ -413,3 +413,30 @@ def test_a_single_per_gemm_field_is_set_from_the_command_line(quant_hydra):
 def test_unknown_per_gemm_key_is_refused():
     with pytest.raises(QuantConfigError, match="inputs"):
         to_quant_config({"method": "fake", "gemms": {"wgrad": {"inputs": {"format": "nvfp4"}}}})
+
+
+@pytest.mark.usefixtures("keep_signal_handlers")  # train() installs preemption handlers
+def test_train_resumes_a_quartet_run_with_the_precision_policy_exactly(tmp_path, tiny_config, capsys):
+    """Through train.py: random signs and SR noise restored from the checkpoint (step 5) and the
+    bf16 phase (step 6 of 6 here) switched on by step, so steps 5-6 after a resume from step 4
+    match the uninterrupted run."""
+    import json
+    import shutil
+
+    import train
+
+    overrides = ("quant=quartet", "quant.bf16_last_fraction=0.17", "checkpoint.keep_last=3")
+    train.train(tiny_config(tmp_path / "reference", *overrides))
+
+    def losses(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    expected = losses(tmp_path / "reference")
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    shutil.copytree(tmp_path / "reference", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")
+    capsys.readouterr()
+    train.train(tiny_config(tmp_path / "resumed", *overrides))
+    assert "resumed from step_00000004 at step 4;" in capsys.readouterr().out
+    assert losses(tmp_path / "resumed") == expected
