@@ -265,6 +265,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     window_start, paused = time.perf_counter(), 0.0
     reporter.start(step)
     while step < tcfg.max_steps:
+        converter.set_step(step, tcfg.max_steps)  # the precision policy (quant.bf16_last_fraction)
         lr = set_learning_rates(optimizer, base_lrs, schedule(step))
         micro_batches = [{k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
                          for _ in range(accum_steps)]

@@ -1,5 +1,6 @@
 """Simulated low-precision training: INT4/INT8, FP4 (E2M1), MXFP4, NVFP4, the official
-Stable-SPAM formats, and real FP8 through torchao. See docs/quantization.md."""
+Stable-SPAM formats, per-GEMM specs for quantized backward passes (the FP4 recipes), and real
+FP8 through torchao. See docs/quantization.md."""
 from quant.converter import (
     PROJECTIONS,
     Float8Converter,
@@ -12,6 +13,7 @@ from quant.converter import (
     select_linears,
 )
 from quant.functional import fake_quantize, hadamard_rotate, quantize_with_mask
+from quant.gemms import DgradGemm, ForwardGemm, GemmPlan, GemmSpecs, WgradGemm, resolve_gemms
 from quant.layer import QuantLinear, RoundingStreams
 from quant.spec import FORMATS, QuantConfigError, QuantSpec
 
@@ -23,6 +25,12 @@ def register_configs(cs) -> None:
 
 __all__ = [
     "FORMATS",
+    "DgradGemm",
+    "ForwardGemm",
+    "GemmPlan",
+    "GemmSpecs",
+    "WgradGemm",
+    "resolve_gemms",
     "PROJECTIONS",
     "FakeQuantConverter",
     "Float8Converter",

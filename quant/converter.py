@@ -7,6 +7,7 @@ rounding streams) with the rest of the run state.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from quant.gemms import GemmSpecs, resolve_gemms
 from quant.layer import ESTIMATORS, QuantLinear, RoundingStreams
 from quant.spec import QuantConfigError, QuantSpec
 
@@ -33,6 +35,13 @@ class QuantConfig:
     target_modules: leaf names of the nn.Linear modules to convert.
     exclude_modules: fnmatch patterns on full module names to leave in high precision.
     keep_first_blocks / keep_last_blocks: decoder blocks (`layers.N.`) left in high precision.
+    gemms: explicit per-GEMM operand specs (quant.gemms, see quant.gemms); its unset slots take
+        weight / activation / gradient, so the simple keys remain the common case.
+    keep_last_fraction: also keep the last round(fraction x blocks) decoder blocks in high
+        precision (NVIDIA's NVFP4 recipe: about 15%), whatever the model's depth.
+    bf16_last_fraction: precision policy: the last fraction of the run's steps train every
+        converted linear unquantized, forward and backward (NVIDIA's recovery phase); a
+        function of (step, max_steps) only, so a resumed run switches at the same step.
     """
 
     name: str = "none"
@@ -46,6 +55,9 @@ class QuantConfig:
     keep_first_blocks: int = 0
     keep_last_blocks: int = 0
     fp8_recipe: str = "tensorwise"
+    gemms: GemmSpecs = field(default_factory=GemmSpecs)
+    keep_last_fraction: float = 0.0
+    bf16_last_fraction: float = 0.0
 
     def validate(self) -> "QuantConfig":
         if self.method not in METHODS:
@@ -56,11 +68,21 @@ class QuantConfig:
             raise QuantConfigError("quant.keep_first_blocks / keep_last_blocks must be >= 0")
         if self.method == "fp8" and self.fp8_recipe not in FP8_RECIPES:
             raise QuantConfigError(f"quant.fp8_recipe={self.fp8_recipe!r} must be one of {FP8_RECIPES}")
+        for key in ("keep_last_fraction", "bf16_last_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise QuantConfigError(f"quant.{key}={value} must lie in [0, 1)")
+        if self.method != "fake" and (self.gemms.explicit or self.bf16_last_fraction):
+            raise QuantConfigError(
+                f"quant.gemms / quant.bf16_last_fraction need method=fake, not {self.method!r}"
+            )
         if self.method == "fake":
-            self.weight.validate("weight")
-            self.activation.validate("activation")
-            self.gradient.validate("gradient")
+            resolve_gemms(self.weight, self.activation, self.gradient, self.gemms, self.estimator)
         return self
+
+    def high_precision_from(self, max_steps: int) -> int:
+        """The first step of the bf16 phase (max_steps when there is none)."""
+        return max_steps - math.floor(self.bf16_last_fraction * max_steps)
 
 
 class ModelConverter(Protocol):
@@ -74,14 +96,17 @@ class ModelConverter(Protocol):
 
     def seed(self, seed: int, rank: int = 0) -> None: ...
 
+    def set_step(self, step: int, max_steps: int) -> None: ...
+
 
 def select_linears(model: nn.Module, cfg: QuantConfig) -> tuple[list[str], int]:
     """Names of the nn.Linear modules to convert, and the model's total nn.Linear count."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     blocks = sorted({int(m.group(1)) for n in linears if (m := _BLOCK_INDEX.search(n))})
     kept_blocks = set(blocks[: cfg.keep_first_blocks])
-    if cfg.keep_last_blocks:
-        kept_blocks |= set(blocks[-cfg.keep_last_blocks :])
+    last = max(cfg.keep_last_blocks, math.floor(cfg.keep_last_fraction * len(blocks) + 0.5))
+    if last:
+        kept_blocks |= set(blocks[-last:])
     chosen = []
     for name in linears:
         if name.rsplit(".", 1)[-1] not in cfg.target_modules:
@@ -113,6 +138,9 @@ class _WithoutRoundingState:
     def seed(self, seed: int, rank: int = 0) -> None:
         return None
 
+    def set_step(self, step: int, max_steps: int) -> None:
+        return None
+
 
 class NoQuantConverter(_WithoutRoundingState):
     """quant=none: converts nothing."""
@@ -134,34 +162,48 @@ class FakeQuantConverter:
         self.cfg = cfg
         self.streams = RoundingStreams()
         self.converted: list[str] = []
+        self.layers: list[QuantLinear] = []
         self.total_linears = 0
+        self.high_precision = False
 
     def convert(self, model: nn.Module) -> nn.Module:
         names, self.total_linears = select_linears(model, self.cfg)
+        self.layers = []
         for name in names:
-            linear = model.get_submodule(name)
-            _swap(
-                model,
-                name,
-                QuantLinear.from_linear(
-                    linear,
-                    weight_spec=self.cfg.weight,
-                    activation_spec=self.cfg.activation,
-                    gradient_spec=self.cfg.gradient,
-                    estimator=self.cfg.estimator,
-                    streams=self.streams,
-                ),
+            layer = QuantLinear.from_linear(
+                model.get_submodule(name),
+                weight_spec=self.cfg.weight,
+                activation_spec=self.cfg.activation,
+                gradient_spec=self.cfg.gradient,
+                gemms=self.cfg.gemms,
+                estimator=self.cfg.estimator,
+                streams=self.streams,
             )
+            _swap(model, name, layer)
+            self.layers.append(layer)
         self.converted = names
         return model
 
+    def set_step(self, step: int, max_steps: int) -> None:
+        """Apply the precision policy before training step `step` (0-based) of `max_steps`."""
+        high = step >= self.cfg.high_precision_from(max_steps)
+        if high != self.high_precision:
+            self.high_precision = high
+            for layer in self.layers:
+                layer.high_precision = high
+
     def describe(self) -> str:
         cfg = self.cfg
-        parts = [f"{cfg.name} W({cfg.weight.summary()}) A({cfg.activation.summary()})"]
-        if cfg.gradient.enabled:
-            parts.append(f"G({cfg.gradient.summary()})")
+        if cfg.gemms.explicit:
+            parts = [f"{cfg.name} {self.layers[0].plan.summary()}" if self.layers else cfg.name]
+        else:
+            parts = [f"{cfg.name} W({cfg.weight.summary()}) A({cfg.activation.summary()})"]
+            if cfg.gradient.enabled:
+                parts.append(f"G({cfg.gradient.summary()})")
         parts.append(cfg.estimator)
         parts.append(f"on {len(self.converted)}/{self.total_linears} linears")
+        if cfg.bf16_last_fraction:
+            parts.append(f"| bf16 for the last {cfg.bf16_last_fraction:.0%} of steps")
         return " ".join(parts)
 
     def state_dict(self) -> dict:

@@ -33,10 +33,13 @@ _HADAMARD_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def fake_quantize(
-    x: torch.Tensor, spec: QuantSpec, generator: Optional[torch.Generator] = None
+    x: torch.Tensor,
+    spec: QuantSpec,
+    generator: Optional[torch.Generator] = None,
+    signs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fake-quantize `x` as `spec` says; same shape and dtype, no autograd policy (see layer)."""
-    return quantize_with_mask(x, spec, generator, need_mask=False)[0]
+    return quantize_with_mask(x, spec, generator, need_mask=False, signs=signs)[0]
 
 
 def quantize_with_mask(
@@ -44,26 +47,50 @@ def quantize_with_mask(
     spec: QuantSpec,
     generator: Optional[torch.Generator] = None,
     need_mask: bool = False,
+    signs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Fake-quantize and, if asked, return where the input lay inside the representable range
     (in the rotated basis when `spec.hadamard_size` is set), for the clipped straight-through
-    estimator."""
+    estimator.
+
+    A random Hadamard rotation (`spec.hadamard_random`) uses `signs` when given (the two
+    operands of a GEMM share them), else draws them from `generator` before the rounding noise.
+    """
     if not spec.enabled:
         return x, None
     spec = spec.validate().resolved()
     official = spec.format.endswith("_official")
     compute_dtype = x.dtype if official else torch.float32
     y = x.to(compute_dtype)
+    if not spec.hadamard_random:
+        signs = None
+    elif signs is None:
+        if generator is None:
+            raise QuantConfigError("quant hadamard_random needs a generator or the GEMM's signs")
+        signs = random_signs(spec.hadamard_size, generator, x.device)
+    k = y.shape[-1]
+    pad = (-k) % spec.hadamard_size if spec.hadamard_size else 0
+    if pad:  # rotate a zero-padded last dim, as a kernel pads a reduction dim to the block
+        y = F.pad(y, (0, pad))
     if spec.hadamard_size:
-        y = hadamard_rotate(y.float(), spec.hadamard_size).to(compute_dtype)
+        y = hadamard_rotate(y.float(), spec.hadamard_size, signs).to(compute_dtype)
     groups, ungroup, valid = _to_groups(y, spec)
     noise = _uniform_noise(groups, generator) if spec.stochastic else None
     q, in_range = _QUANTIZERS[spec.format](groups, spec, noise, valid)
     out = ungroup(q)
     if spec.hadamard_size:
-        out = hadamard_rotate(out.float(), spec.hadamard_size)
+        out = hadamard_rotate(out.float(), spec.hadamard_size, signs, inverse=True)
     mask = ungroup(in_range) if need_mask else None
+    if pad:
+        out = crop(out, [*out.shape[:-1], k])
+        mask = None if mask is None else crop(mask, [*mask.shape[:-1], k])
     return out.to(x.dtype), mask
+
+
+@torch.compiler.disable
+def random_signs(size: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """A vector of `size` random +-1.0 (float32) from the caller's generator, out of compiled graphs."""
+    return torch.randint(0, 2, (size,), generator=generator, device=device).float() * 2 - 1
 
 
 @torch.compiler.disable
@@ -256,8 +283,11 @@ def _quantize_int(groups, spec, noise, valid):
     return (q - zero_point) * scale, (shifted >= 0) & (shifted <= umax)
 
 
-def _e2m1_with_outliers(groups, y, scale, outliers, noise):
-    """Round the scaled groups `y` to E2M1 and unscale; outlier entries pass through unquantized."""
+def _e2m1_with_outliers(groups, y, scale, outliers, noise, prescale=1.0):
+    """Round the scaled groups `y` (times `prescale`) to E2M1 and unscale; outlier entries pass
+    through unquantized."""
+    if prescale != 1.0:
+        y, scale = y * prescale, scale / prescale
     q = round_to_e2m1(y, noise) * scale
     in_range = y.abs() <= E2M1_MAX
     if outliers is not None:
@@ -269,7 +299,7 @@ def _e2m1_with_outliers(groups, y, scale, outliers, noise):
 def _quantize_fp4(groups, spec, noise, valid):
     absmax, outliers = _group_absmax(groups, spec.outlier_topk)
     scale = (absmax / E2M1_MAX).clamp_min(_TINY)
-    return _e2m1_with_outliers(groups, groups / scale, scale, outliers, noise)
+    return _e2m1_with_outliers(groups, groups / scale, scale, outliers, noise, spec.prescale)
 
 
 def mx_scale(absmax: torch.Tensor) -> torch.Tensor:
@@ -281,7 +311,7 @@ def mx_scale(absmax: torch.Tensor) -> torch.Tensor:
 def _quantize_mxfp4(groups, spec, noise, valid):
     absmax, outliers = _group_absmax(groups, spec.outlier_topk)
     scale = mx_scale(absmax)
-    return _e2m1_with_outliers(groups, groups / scale, scale, outliers, noise)
+    return _e2m1_with_outliers(groups, groups / scale, scale, outliers, noise, spec.prescale)
 
 
 def nvfp4_scales(groups: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +327,7 @@ def _quantize_nvfp4(groups, spec, noise, valid):
     tensor_scale, block_scale = nvfp4_scales(groups, absmax)
     scale = block_scale * tensor_scale
     y = torch.where(scale > 0, groups / scale, torch.zeros_like(groups))
-    return _e2m1_with_outliers(groups, y, scale, outliers, noise)
+    return _e2m1_with_outliers(groups, y, scale, outliers, noise, spec.prescale)
 
 
 def _quantize_int4_official(groups, spec, noise, valid):
@@ -347,22 +377,33 @@ _QUANTIZERS = {
 
 
 def hadamard_matrix(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix (symmetric, so it is its own inverse)."""
+    """Orthonormal Sylvester Hadamard matrix (symmetric, so it is its own inverse), in float64
+    so that each dtype gets 1/sqrt(size) correctly rounded."""
     key = (size, torch.device(device))
     if key not in _HADAMARD_CACHE:
-        h = torch.ones(1, 1)
+        h = torch.ones(1, 1, dtype=torch.float64)
         while h.shape[0] < size:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         _HADAMARD_CACHE[key] = (h / size**0.5).to(key[1])
     return _HADAMARD_CACHE[key]
 
 
-def hadamard_rotate(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Multiply each consecutive block of `size` elements of the last dimension by H."""
+def hadamard_rotate(
+    x: torch.Tensor, size: int, signs: Optional[torch.Tensor] = None, inverse: bool = False
+) -> torch.Tensor:
+    """Multiply each consecutive block b of `size` elements of the last dimension by H, or with
+    a sign vector s by the random Hadamard matrix diag(s) H: b -> (b * s) H, and its inverse
+    (orthogonal: H is symmetric) b -> (b H) * s."""
     k = x.shape[-1]
     if k % size:
         raise QuantConfigError(
             f"quant hadamard_size={size} does not divide the last dimension {k}"
         )
     h = hadamard_matrix(size, x.device).to(x.dtype)
-    return (x.reshape(*x.shape[:-1], k // size, size) @ h).reshape(x.shape)
+    blocks = x.reshape(*x.shape[:-1], k // size, size)
+    if signs is None:
+        return (blocks @ h).reshape(x.shape)
+    signs = signs.to(x.dtype)
+    if inverse:
+        return ((blocks @ h) * signs).reshape(x.shape)
+    return ((blocks * signs) @ h).reshape(x.shape)

@@ -32,6 +32,7 @@ GENERIC_DEFAULTS = {"group_size": -1, "grouping": "k", "outlier_topk": 0}
 # Block sizes fixed by the format definitions (OCP MX v1.0; NVIDIA NVFP4).
 FIXED_GROUP_SIZE = {"mxfp4": 32, "nvfp4": 16}
 INT_BITS = {"int4": 4, "int8": 8}
+E2M1_FORMATS = ("fp4", "mxfp4", "nvfp4")
 
 
 @dataclass
@@ -54,6 +55,12 @@ class QuantSpec:
     outlier_topk: per group, keep the k largest |x| unquantized and scale the rest.
     hadamard_size: 0 = off; else quantize in a basis rotated by an orthonormal block Hadamard
         transform of this size (a power of two) along the last dimension, then rotate back.
+    hadamard_random: rotate each block b as (b * s) H, s a random sign vector of length
+        hadamard_size (a "random Hadamard transform"), drawn from the rounding streams; the two
+        operands of one GEMM share s, so their product is that of the rotated operands.
+    prescale: E2M1 formats: multiply the scaled elements by this factor before rounding and
+        divide after (Tseng et al.'s 3/4: with an MX scale, |x|/s < 8 becomes < 6, so stochastic
+        rounding never saturates and stays unbiased).
     narrow_range: symmetric integers: levels -(2^(b-1)-1)..2^(b-1)-1 with scale absmax/qmax
         (True), or the full two's-complement range with torchao's scale absmax/(qmax+1/2).
     """
@@ -67,6 +74,8 @@ class QuantSpec:
     outlier_topk: Optional[int] = None
     hadamard_size: int = 0
     narrow_range: bool = True
+    hadamard_random: bool = False
+    prescale: float = 1.0
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +125,12 @@ class QuantSpec:
         h = spec.hadamard_size
         if h < 0 or (h and h & (h - 1)):
             fail(f"hadamard_size={h} must be 0 (off) or a power of two")
+        if spec.hadamard_random and not h:
+            fail("hadamard_random needs a hadamard_size (the length of the random sign vector)")
+        if not 0.0 < spec.prescale <= 1.0:
+            fail(f"prescale={spec.prescale} must lie in (0, 1]")
+        if spec.prescale != 1.0 and spec.format not in E2M1_FORMATS:
+            fail(f"prescale is defined for the E2M1 formats {E2M1_FORMATS}, not {spec.format}")
         return self
 
     def summary(self) -> str:
@@ -134,6 +149,8 @@ class QuantSpec:
         if spec.outlier_topk:
             parts.append(f"top{spec.outlier_topk}")
         if spec.hadamard_size:
-            parts.append(f"H{spec.hadamard_size}")
+            parts.append(f"{'RH' if spec.hadamard_random else 'H'}{spec.hadamard_size}")
+        if spec.prescale != 1.0:
+            parts.append(f"x{spec.prescale:g}")
         parts.append("SR" if spec.stochastic else "RTN")
         return ",".join(parts)

@@ -51,7 +51,9 @@ def _losses(quant, precision, compiled):
     "quant",
     # Each case compiles a model (15-60 s on a shared 2-core CPU): two formats run by default.
     ["int4", "mxfp4", pytest.param("nvfp4", marks=pytest.mark.slow),
-     pytest.param("int4_official", marks=pytest.mark.slow)],
+     pytest.param("int4_official", marks=pytest.mark.slow),
+     # Quantized backward GEMMs, random Hadamard signs and SR noise drawn outside the graph.
+     pytest.param("nvfp4_recipe", marks=pytest.mark.slow), pytest.param("quartet", marks=pytest.mark.slow)],
 )
 def test_compiled_training_tracks_eager(quant, precision):
     eager = _losses(quant, precision, compiled=False)

@@ -249,7 +249,8 @@ def quant_hydra():
 
 def test_expected_configs_exist():
     assert set(ALL_CONFIGS) == {"none", "int4", "int8", "fp4", "mxfp4", "nvfp4",
-                                "int4_official", "fp4_official", "fp8"}
+                                "int4_official", "fp4_official", "fp8",
+                                "nvfp4_recipe", "quartet", "mxfp4_backward"}
 
 
 @pytest.mark.parametrize("name", ALL_CONFIGS)

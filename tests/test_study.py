@@ -15,7 +15,7 @@ from trainer import study as S
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_STUDIES = ["gradient_stabilizer", "lr_sensitivity", "table1_fp4", "table1_int4", "table2_bf16",
-                "table3_stabilizers", "table4_ablation"]
+                "table3_stabilizers", "table4_ablation", "fp4_recipes", "state_bits_int4"]
 
 
 def overrides_of(run: S.Run) -> dict[str, str]:
