@@ -22,6 +22,7 @@ from quant.spec import QuantConfigError, QuantSpec
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("none", "fake", "fp8")
+BF16_LAST_SCOPES = ("forward", "all")
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 _BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -39,9 +40,12 @@ class QuantConfig:
         weight / activation / gradient, so the simple keys remain the common case.
     keep_last_fraction: also keep the last round(fraction x blocks) decoder blocks in high
         precision (NVIDIA's NVFP4 recipe: about 15%), whatever the model's depth.
-    bf16_last_fraction: precision policy: the last fraction of the run's steps train every
-        converted linear unquantized, forward and backward (NVIDIA's recovery phase); a
-        function of (step, max_steps) only, so a resumed run switches at the same step.
+    bf16_last_fraction: precision policy: the last fraction of the run's steps run converted
+        linears in high precision (NVIDIA's recovery phase); a function of (step, max_steps)
+        only, so a resumed run switches at the same step.
+    bf16_last_scope: what that phase switches: "forward" (the NVFP4 paper's choice: the forward
+        GEMM runs on unquantized X and W, the backward GEMMs keep their quantized operands) or
+        "all" (forward and backward unquantized, a plain nn.Linear).
     """
 
     name: str = "none"
@@ -58,6 +62,7 @@ class QuantConfig:
     gemms: GemmSpecs = field(default_factory=GemmSpecs)
     keep_last_fraction: float = 0.0
     bf16_last_fraction: float = 0.0
+    bf16_last_scope: str = "forward"
 
     def validate(self) -> "QuantConfig":
         if self.method not in METHODS:
@@ -72,6 +77,10 @@ class QuantConfig:
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
                 raise QuantConfigError(f"quant.{key}={value} must lie in [0, 1)")
+        if self.bf16_last_scope not in BF16_LAST_SCOPES:
+            raise QuantConfigError(
+                f"quant.bf16_last_scope={self.bf16_last_scope!r} must be one of {', '.join(BF16_LAST_SCOPES)}"
+            )
         if self.method != "fake" and (self.gemms.explicit or self.bf16_last_fraction):
             raise QuantConfigError(
                 f"quant.gemms / quant.bf16_last_fraction need method=fake, not {self.method!r}"
@@ -164,7 +173,7 @@ class FakeQuantConverter:
         self.converted: list[str] = []
         self.layers: list[QuantLinear] = []
         self.total_linears = 0
-        self.high_precision = False
+        self.high_precision: str | None = None
 
     def convert(self, model: nn.Module) -> nn.Module:
         names, self.total_linears = select_linears(model, self.cfg)
@@ -186,7 +195,7 @@ class FakeQuantConverter:
 
     def set_step(self, step: int, max_steps: int) -> None:
         """Apply the precision policy before training step `step` (0-based) of `max_steps`."""
-        high = step >= self.cfg.high_precision_from(max_steps)
+        high = self.cfg.bf16_last_scope if step >= self.cfg.high_precision_from(max_steps) else None
         if high != self.high_precision:
             self.high_precision = high
             for layer in self.layers:
@@ -203,7 +212,8 @@ class FakeQuantConverter:
         parts.append(cfg.estimator)
         parts.append(f"on {len(self.converted)}/{self.total_linears} linears")
         if cfg.bf16_last_fraction:
-            parts.append(f"| bf16 for the last {cfg.bf16_last_fraction:.0%} of steps")
+            passes = "forward" if cfg.bf16_last_scope == "forward" else "forward and backward"
+            parts.append(f"| bf16 {passes} for the last {cfg.bf16_last_fraction:.0%} of steps")
         return " ".join(parts)
 
     def state_dict(self) -> dict:

@@ -100,6 +100,7 @@ class _Backward(NamedTuple):
     streams: RoundingStreams
     input_hadamard: int
     weight_hadamard: int
+    unquantized_forward: bool = False  # the bf16-forward phase: Y = X W^T on the unquantized X and W
 
 
 def _gemm_operands(a, a_spec, b, b_spec, streams):
@@ -153,6 +154,8 @@ class _QuantLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(input_b, weight_b, input_in_range, weight_in_range)
         ctx.plan = plan
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if plan.unquantized_forward:
+            input_q, weight_q = input.detach().to(dtype), weight.detach().to(dtype)
         return F.linear(input_q, weight_q, None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -211,8 +214,9 @@ class QuantLinear(nn.Linear):
         self.activation_spec = self.plan.forward_input
         self.estimator = estimator
         self.streams = streams or RoundingStreams()
-        self.high_precision = False
-        """True: a plain nn.Linear forward and backward (the precision policy's bf16 phase)."""
+        self.high_precision: Optional[str] = None
+        """The precision policy's bf16 phase: "all" = a plain nn.Linear forward and backward;
+        "forward" = the forward GEMM on unquantized X and W, the backward GEMMs as planned."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantLinear":
@@ -246,7 +250,7 @@ class QuantLinear(nn.Linear):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.high_precision:
+        if self.high_precision == "all":
             return F.linear(input, self.weight, self.bias)
         weight_spec = self._active(self.plan.forward_weight)
         input_spec = self._active(self.plan.forward_input)
@@ -269,6 +273,7 @@ class QuantLinear(nn.Linear):
             streams=self.streams,
             input_hadamard=input_spec.hadamard_size,
             weight_hadamard=weight_spec.hadamard_size,
+            unquantized_forward=self.high_precision == "forward",
         )
         return _QuantLinearFunction.apply(
             input, self.weight, self.bias, input_q, weight_q, input_in_range, weight_in_range, plan

@@ -354,21 +354,42 @@ def test_random_hadamard_and_sr_streams_restored_exactly_on_resume(name, tmp_pat
     assert not torch.equal(_train_steps(restarted, 2, seed=1), expected)
 
 
-def test_precision_policy_switches_to_unquantized_for_the_last_fraction():
+def _policy_models(scope):
     cfg = _recipe("quartet")
-    cfg.bf16_last_fraction = 0.1
-    assert cfg.high_precision_from(100) == 90 and cfg.high_precision_from(25) == 23
+    cfg.bf16_last_fraction, cfg.bf16_last_scope = 0.1, scope
     torch.manual_seed(0)
     model, converter = build_model(TINY), build_converter(cfg)
     converter.convert(model)
     torch.manual_seed(0)
-    plain = build_model(TINY)
+    return cfg, model, converter, build_model(TINY)
+
+
+def test_precision_policy_all_switches_forward_and_backward_for_the_last_fraction():
+    cfg, model, converter, plain = _policy_models("all")
+    assert cfg.high_precision_from(100) == 90 and cfg.high_precision_from(25) == 23
     ids = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     converter.set_step(89, 100)
     assert not torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
     converter.set_step(90, 100)
     assert torch.equal(_train_steps(model, 1, seed=0), _train_steps(plain, 1, seed=0))
-    assert "bf16 for the last 10% of steps" in converter.describe()
+    assert "bf16 forward and backward for the last 10% of steps" in converter.describe()
+
+
+def test_precision_policy_forward_keeps_the_quantized_backward():
+    _, model, converter, plain = _policy_models("forward")
+    _, reference, reference_converter, _ = _policy_models("forward")  # the same model, quantized throughout
+    ids = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    converter.set_step(90, 100)
+    assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    switched = _train_steps(model, 1, seed=0)
+    assert not torch.equal(switched, _train_steps(plain, 1, seed=0))  # dX and dW stay quantized
+    # Only the forward changed: the backward GEMMs drew the same signs and noise as a fully quantized
+    # step, so the gradients differ from that step's by the forward's activations alone; with the
+    # forward quantized again (step 89) the two models agree bit for bit.
+    assert not torch.equal(switched, _train_steps(reference, 1, seed=0))
+    converter.set_step(89, 100)
+    assert torch.equal(_train_steps(model, 1, seed=5), _train_steps(reference, 1, seed=5))
+    assert "bf16 forward for the last 10% of steps" in converter.describe()
 
 
 def test_nvfp4_recipe_keeps_the_last_15_percent_of_blocks_and_lm_head_in_high_precision():
@@ -388,6 +409,7 @@ def test_nvfp4_recipe_keeps_the_last_15_percent_of_blocks_and_lm_head_in_high_pr
         ({"gradient": {"format": "int4", "prescale": 0.75}}, "gradient: prescale"),
         ({"gemms": {"forward": {"input": {"format": "mxfp4", "hadamard_random": True}}}}, "hadamard_random"),
         ({"bf16_last_fraction": 1.5}, "quant.bf16_last_fraction"),
+        ({"bf16_last_scope": "backward"}, "quant.bf16_last_scope"),
         ({"keep_last_fraction": -0.1}, "quant.keep_last_fraction"),
         ({"estimator": "clipped_ste", "weight": {"format": "mxfp4", "hadamard_size": 32,
                                                   "hadamard_random": True}}, "clipped_ste"),
