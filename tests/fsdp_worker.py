@@ -3,7 +3,8 @@ side, per optimizer, on the same batches through `trainer.step.train_step`.
 
 `torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT.json` writes (rank 0), per optimizer: both
 runs' losses and gradient norms, the largest |difference| of the final parameters, and the
-optimizers' whole-tensor statistics from both runs. The DDP copy is the oracle: every rank holds the
+optimizers' whole-tensor statistics from both runs; and the messages of the settings refused on
+shards. The DDP copy is the oracle: every rank holds the
 whole tensors there. Hidden size 24 with 3 heads puts the boundary of the two shards of q/k_proj
 inside an attention head, so Adam-mini's per-head blocks straddle shards.
 """
@@ -114,6 +115,15 @@ def main(out_path: str) -> None:
                          for n in runs["ddp"]["params"])
         results[name] = {kind: {k: v for k, v in run.items() if k != "params"} for kind, run in runs.items()}
         results[name]["param_max_abs_diff"] = param_diff
+    results["refused"] = {}
+    for setting in ("optimizer.state_bits=4", "optimizer=adafactor", "optimizer.compile=true"):
+        preset = [] if setting.startswith("optimizer=") else ["optimizer=stable_spam"]
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[*MODEL, *preset, setting])
+        try:
+            stablespam.build_optimizer(shard_model(build(cfg, rank), "fp32"), cfg.optimizer, total_steps=STEPS)
+        except stablespam.OptimizerConfigError as error:
+            results["refused"][setting] = str(error)
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.barrier()
