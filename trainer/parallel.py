@@ -9,9 +9,8 @@ reduce their per-tensor statistics over the shards (stablespam/sharding.py).
 from __future__ import annotations
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-PARALLELISMS = ("ddp", "fsdp2")
 
 
 def shard_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -30,3 +29,9 @@ def shard_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 
 def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+def export_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded model, on CPU, for `save_pretrained` (collective: every rank
+    calls it; rank 0 receives the weights)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
