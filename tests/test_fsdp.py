@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from stablespam.sharding import block_sums, expand_blocks
-from test_train_e2e import ROOT, free_port, run
+from test_train_e2e import ROOT, free_port, launch_two, run, train_losses
+from trainer import resume
+from trainer.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +83,47 @@ def test_block_sums_of_shards_add_up_to_the_whole_tensors(offset, numel):
     assert torch.equal(total, whole.view(3, 8).sum(dim=1))
     per_block = torch.tensor([10.0, 20.0, 30.0])
     assert torch.equal(expand_blocks(per_block, offset, 8, numel), per_block.repeat_interleave(8)[offset:offset + numel])
+
+
+def test_switching_between_ddp_and_fsdp2_on_resume_is_refused():
+    with pytest.raises(ConfigError, match="trainer.parallelism cannot change on resume"):
+        resume.refuse_unhonourable([("trainer.parallelism", "ddp", "fsdp2")])
+    saved = OmegaConf.create({"trainer": {"seed": 1}})  # a checkpoint from before the key existed
+    assert resume.changed_settings(saved, OmegaConf.create({"trainer": {"seed": 1, "parallelism": "ddp"}})) == []
+
+
+@pytest.mark.slow
+def test_train_py_fsdp2_follows_ddp_resumes_from_dcp_and_exports_whole_weights(tmp_path):
+    """train.py end to end, 2 processes: FSDP2 against the DDP run, a resume from the sharded (DCP)
+    checkpoint of step 3 against the uninterrupted FSDP2 run, and the HF export of the whole weights."""
+    overrides = ["trainer.max_steps=6", "checkpoint.every=3", "trainer.global_batch_size=8", "checkpoint.export_hf=true",
+                 "optimizer.reset_interval=4", "trainer.grad_clip=1.0"]
+    ddp = launch_two(tmp_path / "ddp", *overrides)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = launch_two(tmp_path / "fsdp", *overrides, "trainer.parallelism=fsdp2")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "| fsdp2 |" in fsdp.stdout
+    expected, losses = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert sorted(losses) == list(range(1, 7))
+    assert all(abs(losses[s] - expected[s]) / expected[s] < 1e-4 for s in expected)
+    step_3 = tmp_path / "fsdp/checkpoints/step_00000003"
+    assert not (step_3 / "model.safetensors").exists()
+    assert "sharded/.metadata" in json.loads((step_3 / "manifest.json").read_text())["files"]
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(step_3, resumed_dir / "checkpoints" / step_3.name)
+    shutil.copy(tmp_path / "fsdp/config.yaml", resumed_dir / "config.yaml")
+    resumed = launch_two(resumed_dir, *overrides, "trainer.parallelism=fsdp2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step_00000003" in resumed.stdout
+    after = train_losses(resumed_dir)
+    assert sorted(after) == [4, 5, 6]
+    assert all(after[s] == pytest.approx(losses[s], rel=1e-6) for s in after)
+
+    # the export holds the whole final weights: those of the last sharded checkpoint, gathered offline
+    dcp_to_torch_save(tmp_path / "fsdp/checkpoints/step_00000006/sharded", tmp_path / "final.pt")
+    final = torch.load(tmp_path / "final.pt", weights_only=False)["model"]
+    with safe_open(str(tmp_path / "fsdp/hf/model.safetensors"), "pt") as exported:
+        assert set(exported.keys()) == set(final)
+        for name in exported.keys():
+            assert torch.equal(exported.get_tensor(name), final[name]), name
