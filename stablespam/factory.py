@@ -305,9 +305,6 @@ def refuse_on_shards(c: dict[str, Any]) -> None:
     if c.get("compile"):
         raise _fail("compile", True, "cannot run with trainer.parallelism=fsdp2 (the sharded step all-reduces "
                     "its statistics eagerly); set optimizer.compile=false")
-    if c["kind"] == "adafactor":
-        raise _fail("kind", "adafactor", "cannot run with trainer.parallelism=fsdp2: transformers' Adafactor "
-                    "computes its factored moments and update RMS on the local shard; use trainer.parallelism=ddp")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int) -> torch.optim.Optimizer:

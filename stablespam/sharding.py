@@ -113,3 +113,10 @@ def dense_mask(p: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     start = flat_offset(p)
     mine = full[start:start + shard.numel()].view(shard.shape).to(shard.device)
     return DTensor.from_local(mine, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def sharded_like(p: torch.Tensor, shard: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`shard` (this rank's rows) as a DTensor of the whole `shape`, sharded like `p` on dim 0:
+    per-row optimizer state that DCP can save and reshard."""
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
