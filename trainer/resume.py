@@ -35,7 +35,7 @@ FIXED_ON_RESUME = (
 )
 # Keys that never matter for the saved state: where the run lives and how it is displayed.
 IGNORED = ("run_dir", "output_root", "logging.progress", "checkpoint.resume", "checkpoint.overwrite")
-# Keys added after checkpoints were written: a checkpoint without one had this value.
+# Keys added after checkpoints were written: a config without one has this value.
 ADDED_KEYS = {"trainer.parallelism": "ddp"}
 # Weights are kept in fp32 in both of these, so a run can move between them; pure_bf16 stores bf16.
 _FP32_MASTER = ("fp32", "bf16_mixed")
@@ -53,7 +53,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def changed_settings(saved: DictConfig, current: DictConfig) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every leaf that differs, in key order."""
     old = {**ADDED_KEYS, **_flatten(OmegaConf.to_container(saved, resolve=True))}
-    new = _flatten(OmegaConf.to_container(current, resolve=True))
+    new = {**ADDED_KEYS, **_flatten(OmegaConf.to_container(current, resolve=True))}
     changes = []
     for key in sorted(set(old) | set(new)):
         if key in IGNORED or key.startswith("hydra."):
