@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from stablespam.sharding import block_sums, expand_blocks
-from test_train_e2e import ROOT, free_port, launch_two, run, train_losses
+from test_train_e2e import ROOT, command, free_port, launch_two, run, train_losses
 from trainer import resume
 from trainer.config import ConfigError
 
@@ -128,3 +128,24 @@ def test_train_py_fsdp2_follows_ddp_resumes_from_dcp_and_exports_whole_weights(t
         assert set(exported.keys()) == set(final)
         for name in exported.keys():
             assert torch.equal(exported.get_tensor(name), final[name]), name
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path):
+    """2 -> 3 processes: DCP reshards weights and moments; the run follows the uninterrupted one."""
+    overrides = ["trainer.max_steps=6", "checkpoint.every=3", "trainer.global_batch_size=12", "trainer.parallelism=fsdp2",
+                 "trainer.lr_schedule=constant", "optimizer.reset_interval=4"]
+    reference = launch_two(tmp_path / "two", *overrides)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    step_3 = tmp_path / "two/checkpoints/step_00000003"
+    shutil.copytree(step_3, tmp_path / "three/checkpoints" / step_3.name)
+    shutil.copy(tmp_path / "two/config.yaml", tmp_path / "three/config.yaml")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    three = run(launcher + command(tmp_path / "three", *overrides)[1:], timeout=240, GLOO_SOCKET_IFNAME="lo")
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert "elastic resume: 2 -> 3 process(es)" in three.stdout
+    expected, resumed = train_losses(tmp_path / "two"), train_losses(tmp_path / "three")
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == pytest.approx(expected[s], rel=1e-6) for s in resumed)
