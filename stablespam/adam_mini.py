@@ -19,7 +19,15 @@ from typing import Any
 import torch
 
 from stablespam._state import evaluate_closure, restore_saved_dtypes
-from stablespam.sharding import all_reduce_sum_, block_sums, expand_blocks, flat_offset, is_sharded, local, shard_group
+from stablespam.sharding import (
+    all_reduce_sum_,
+    block_sums,
+    expand_blocks,
+    flat_offset,
+    is_sharded,
+    local,
+    shard_group,
+)
 
 _EMBED = ("embed", "embd", "wte")
 _OUTPUT = ("lm_head", "output", "final_layer")
@@ -95,7 +103,8 @@ class AdamMini(torch.optim.Optimizer):
         live = [(p, role) for p, role in zip(group["params"], group["roles"]) if p.grad is not None]
         seconds = [self._second_moment(p, role, group["head_numel"]) for p, role in live]
         # sharded parameters: the shards' per-block sums of g^2, completed in one all_reduce
-        partial = [i for i, (p, role) in enumerate(live) if is_sharded(p) and self._block(p, role, group["head_numel"])]
+        partial = [i for i, (p, role) in enumerate(live)
+                   if is_sharded(p) and self._block(p, role, group["head_numel"])]
         if partial:
             sums = all_reduce_sum_(torch.cat([seconds[i].reshape(-1) for i in partial]),
                                    shard_group(live[i][0] for i in partial))
@@ -132,7 +141,8 @@ class AdamMini(torch.optim.Optimizer):
         blocks = self._blocks(grad, role, head_numel)
         if not block:
             return blocks * blocks
-        return (blocks * blocks).mean(dim=1, keepdim=True) if blocks.dim() == 2 else (blocks * blocks).sum() / blocks.numel()
+        squares = blocks * blocks
+        return squares.mean(dim=1, keepdim=True) if blocks.dim() == 2 else squares.sum() / blocks.numel()
 
     def _init_state(self, p: torch.Tensor, role: str, head_numel: int, second: torch.Tensor) -> None:
         """fp32 moments: `exp_avg` shaped as the blocks (unsharded) or a DTensor like `p` (sharded);

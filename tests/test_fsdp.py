@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from stablespam.sharding import block_sums, expand_blocks
 from test_train_e2e import ROOT, command, free_port, launch_two, run, train_losses
 from trainer import resume
+from trainer.checkpoint import verify
 from trainer.config import ConfigError
 
 
@@ -120,6 +121,13 @@ def test_train_py_fsdp2_follows_ddp_resumes_from_dcp_and_exports_whole_weights(t
     after = train_losses(resumed_dir)
     assert sorted(after) == [4, 5, 6]
     assert all(after[s] == pytest.approx(losses[s], rel=1e-6) for s in after)
+
+    # a corrupt shard is caught by the manifest like any checkpoint file
+    shard = tmp_path / "fsdp/checkpoints/step_00000006/sharded/__1_0.distcp"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    assert verify(shard.parents[1]) == "sharded/__1_0.distcp does not match its checksum"
+    shard.write_bytes(intact)
 
     # the export holds the whole final weights: those of the last sharded checkpoint, gathered offline
     dcp_to_torch_save(tmp_path / "fsdp/checkpoints/step_00000006/sharded", tmp_path / "final.pt")

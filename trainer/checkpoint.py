@@ -219,8 +219,8 @@ class CheckpointManager:
 
         Elastic resume (another number of processes): model and optimizer state are replicated under
         DDP (and resharded by DCP under FSDP2) and the loop, totals and data position are global, so
-        every rank takes them from `rank_0.pt`; the per-rank random streams cannot be mapped to other ranks and are left for the
-        caller to restart (see `elastic_seed`).
+        every rank takes them from `rank_0.pt`; the per-rank random streams cannot be mapped to
+        other ranks and are left for the caller to restart (see `elastic_seed`).
         """
         acc = self.accelerator
         saved_world = read_manifest(path)["world_size"]

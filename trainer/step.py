@@ -3,8 +3,9 @@
 `train_step` runs the micro-batches of one global batch (gradient all-reduce, or FSDP2's
 reduce-scatter, only on the last), measures the gradient norm (clipping only when asked), and steps
 the optimizer. It reads nothing back to the host unless the caller asks it to skip non-finite
-updates, so a step on a GPU queues its kernels and returns. `RunningTotals` accumulates what the loop logs (loss, real tokens, the
-first non-finite step) on the device; the loop reads it only on logging steps.
+updates, so a step on a GPU queues its kernels and returns. `RunningTotals` accumulates what the
+loop logs (loss, real tokens, the first non-finite step) on the device; the loop reads it only on
+logging steps.
 
 A batch is `{"input_ids": (B, T), "targets": (B, T)}` with `targets[b, i]` the token that follows
 `input_ids[b, i]` and -100 where there is none, so only real next-token targets are counted.
