@@ -137,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if fsdp:  # after the converter (QuantLinear keeps the Parameters), before the optimizer (it holds the shards)
         model = shard_model(model, tcfg.precision)
     optimizer = stablespam.build_optimizer(model, cfg.optimizer, total_steps=tcfg.max_steps)
+    shard_group = torch.distributed.group.WORLD if fsdp else None  # what TransformStats sums its shard counts over
     base_lrs = [group["base_lr"] for group in optimizer.param_groups]
     schedule = WarmupDecay.from_config(tcfg)
     if tcfg.compile:
@@ -301,7 +302,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "mfu": tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops and tokens_per_s else None,
                 "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_steps": loop["skipped_steps"],
                 "spike_skips": loop["spike_skips"],
-                "data_skipped_lines": train_loader.skipped_lines, **(transforms.read() if transforms else {}),
+                "data_skipped_lines": train_loader.skipped_lines,
+                **(transforms.read(shard_group) if transforms else {}),
             }, console=True)
             window_start, paused = time.perf_counter(), 0.0
         interrupted = time.perf_counter()

@@ -38,8 +38,19 @@ class TransformStats:
         self.adaclip_clipped, self.adaclip_entries, self.spike_clipped, self.spike_entries = counters[:4]
         self.norm_scaled_down, self.norm_tensors = counters[4:]
 
-    def read(self) -> dict[str, float | int]:
-        """Host values (one sync) of the mechanisms that ran; the loop logs them."""
+    def read(self, group: dist.ProcessGroup | None = None) -> dict[str, float | int]:
+        """Host values (one sync) of the mechanisms that ran; the loop logs them.
+
+        `group`: the shard group of sharded (FSDP2) parameters, whose per-entry counts each rank
+        made on its own shards (a collective: every rank calls it). The per-tensor counts are the
+        whole tensors' on every rank already.
+        """
+        if group is not None:
+            entries = torch.stack([self.adaclip_clipped, self.adaclip_entries, self.spike_clipped, self.spike_entries])
+            all_reduce_sum_(entries, group)
+            for counter, total in zip((self.adaclip_clipped, self.adaclip_entries, self.spike_clipped,
+                                       self.spike_entries), entries.unbind(0)):
+                counter.copy_(total)
         values: dict[str, float | int] = {}
         if int(self.adaclip_entries):
             values["adaclip_clipped_entries"] = int(self.adaclip_clipped)

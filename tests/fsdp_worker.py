@@ -3,7 +3,8 @@ side, per optimizer, on the same batches through `trainer.step.train_step`.
 
 `torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT.json` writes (rank 0), per optimizer: both
 runs' losses and gradient norms, the largest |difference| of the final parameters, and the
-optimizers' whole-tensor statistics from both runs; and the messages of the settings refused on
+optimizers' whole-tensor statistics and what the transforms did (TransformStats) from both runs;
+and the messages of the settings refused on
 shards. The DDP copy is the oracle: every rank holds the
 whole tensors there. Hidden size 24 with 3 heads puts the boundary of the two shards of q/k_proj
 inside an attention head, so Adam-mini's per-head blocks straddle shards; Adafactor's column
@@ -110,11 +111,14 @@ def main(out_path: str) -> None:
             optimizer = stablespam.build_optimizer(model, cfg.optimizer, total_steps=STEPS)
             wrapped = DistributedDataParallel(model) if kind == "ddp" else model
             losses, norms = [], []
-            for step in range(STEPS):
-                out = train_step(wrapped, optimizer, batches(step, rank), accelerator, grad_clip=grad_clip)
-                losses.append(float(out.loss))
-                norms.append(float(out.grad_norm))
+            counts = stablespam.TransformStats("cpu")
+            with stablespam.recording(counts):
+                for step in range(STEPS):
+                    out = train_step(wrapped, optimizer, batches(step, rank), accelerator, grad_clip=grad_clip)
+                    losses.append(float(out.loss))
+                    norms.append(float(out.grad_norm))
             runs[kind] = {"loss": losses, "grad_norm": norms, "statistics": statistics(optimizer, model),
+                          "transform_counts": counts.read(dist.group.WORLD if kind == "fsdp" else None),
                           "params": {n: full(p.detach()) for n, p in model.named_parameters()}}
         param_diff = max((runs["ddp"]["params"][n] - runs["fsdp"]["params"][n]).abs().max().item()
                          for n in runs["ddp"]["params"])

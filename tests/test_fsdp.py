@@ -52,6 +52,7 @@ def test_fsdp2_follows_ddp(side_by_side, name):
     assert max(relative(a, b) for a, b in zip(ddp["loss"], fsdp["loss"])) < 1e-4
     assert max(relative(a, b) for a, b in zip(ddp["grad_norm"], fsdp["grad_norm"])) < 1e-5
     assert side_by_side[name]["param_max_abs_diff"] < 1e-4
+    assert fsdp["transform_counts"] == ddp["transform_counts"]
     assert ddp["statistics"].keys() == fsdp["statistics"].keys()
     for key, expected in ddp["statistics"].items():
         if key.endswith(".mask"):
@@ -68,6 +69,8 @@ def test_the_statistics_are_checked(side_by_side):
     assert {"gs_norm_ema", "gs_norm_sq_ema"} <= kinds["adam_gradient_stabilizer"]
     assert "vmean" in kinds["adam_mini"] and "mask" in kinds["spam"]
     assert {"exp_avg_sq_row", "exp_avg_sq_col", "RMS"} <= kinds["adafactor"]
+    assert side_by_side["stable_spam_official"]["ddp"]["transform_counts"]["adaclip_clipped_entries"] > 0
+    assert side_by_side["spam"]["ddp"]["transform_counts"]["spike_clipped_entries"] > 0
 
 
 def test_settings_without_exact_sharded_statistics_are_refused(side_by_side):
