@@ -23,7 +23,7 @@ from stablespam.sharding import block_sums, expand_blocks
 from test_train_e2e import ROOT, command, free_port, launch_two, run, train_losses
 from trainer import resume
 from trainer.checkpoint import verify
-from trainer.config import ConfigError
+from trainer.config import ConfigError, check_run_config, register_configs
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,15 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path):
     expected, resumed = train_losses(tmp_path / "two"), train_losses(tmp_path / "three")
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[s] == pytest.approx(expected[s], rel=1e-6) for s in resumed)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["trainer.parallelism=zero3"], 2, "trainer.parallelism='zero3': choose one of ddp, fsdp2"),
+    (["trainer.parallelism=fsdp2", "trainer.compile=true"], 2,
+     "trainer.compile=true is not supported with trainer.parallelism=fsdp2"),
+    (["trainer.parallelism=fsdp2"], 1, "trainer.parallelism=fsdp2 shards over processes but this run has one"),
+])
+def test_fsdp2_settings_that_cannot_run_are_refused(tiny_config, tmp_path, overrides, world, message):
+    register_configs()
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        check_run_config(tiny_config(tmp_path, *overrides), world)
