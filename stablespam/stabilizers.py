@@ -15,6 +15,8 @@ transforms are fp32 (fp64 for fp64 parameters) and never reset. Each transform k
 per-tensor counter for their bias corrections, created at its first step, so a transform switched
 on when a run resumes starts its statistics afresh instead of bias-correcting zeros as if they held
 the whole run. The wrapper's step (MoRet's phase, SpikeClip's delay) is `group["stabilizer_step"]`.
+On sharded (FSDP2) parameters the transforms rewrite the local shards of the gradients with the
+whole tensor's statistics (sharding.py).
 """
 from __future__ import annotations
 

@@ -21,6 +21,10 @@ also what torch.optim.Adam does) and the running statistics are fp32 (quirk 4 fi
 The global step t lives in each param group (`group["global_step"]`) and every per-tensor counter in
 the per-parameter state, so `state_dict()` carries the reset phase and the cosine position.
 
+Sharded (FSDP2) parameters step on their local shards, with AdaClip's max |g| and AdaGN's norms
+reduced over the shards (one all-reduce each per bucket, sharding.py), so they are the whole
+tensor's, as under DDP.
+
 `state_bits=8|4` keeps Adam's moments as block-wise codes (quantized_state.py): the stabilizers run
 as above, then the Adam update runs chunk by chunk on dequantized fp32 moments, which are re-quantized
 (or, at a reset, replaced by zero codes and scales).
