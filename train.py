@@ -32,6 +32,7 @@ from trainer import resume
 from trainer.checkpoint import CheckpointError, CheckpointManager, elastic_seed, saved_config
 from trainer.config import ConfigError, check_run_config, register_configs
 from trainer.metrics import device_peak_flops, peak_memory_gib
+from trainer.parallel import export_state_dict, shard_model
 from trainer.reporting import METRICS_FILE, Reporter, resolve_wandb_mode
 from trainer.runtime import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, finish, resolve_run_dir
 from trainer.schedule import WarmupDecay, set_learning_rates
@@ -133,14 +134,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     converter = quant.build_converter(cfg.quant)
     converter.seed(tcfg.seed, rank)
     model = converter.convert(model).to(accelerator.device)
+    fsdp = tcfg.parallelism == "fsdp2"
+    if fsdp:  # after the converter (QuantLinear keeps the Parameters), before the optimizer (it holds the shards)
+        model = shard_model(model, tcfg.precision)
     optimizer = stablespam.build_optimizer(model, cfg.optimizer, total_steps=tcfg.max_steps)
+    shard_group = torch.distributed.group.WORLD if fsdp else None  # what TransformStats sums its shard counts over
     base_lrs = [group["base_lr"] for group in optimizer.param_groups]
     schedule = WarmupDecay.from_config(tcfg)
     if tcfg.compile:
         if cfg.quant.name.endswith("_official"):  # the official formats round op by op in bf16
             torch._inductor.config.emulate_precision_casts = True
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     train_loader = data.build_train_loader(
         cfg.data, tokenizer, rank=rank, world_size=world, micro_batch_size=tcfg.micro_batch_size
@@ -204,7 +212,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for note in reporter_notes:
         reporter.info(note)
     reporter.info(
-        f"model {cfg.model.name} {n_params / 1e6:.1f}M params | precision {tcfg.precision}"
+        f"model {cfg.model.name} {n_params / 1e6:.1f}M params | {tcfg.parallelism} | precision {tcfg.precision}"
         f"{' | compiled' if tcfg.compile else ''} | quant {converter.describe()}"
     )
     reporter.info(
@@ -302,7 +310,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "peak_mem_gib": peak_memory_gib(accelerator.device), "skipped_steps": window["skipped_steps"],
                 "spike_skips": window["spike_skips"], "window_skipped": window["window_skipped"],
                 "last_skipped_step": window["last_skipped_step"],
-                "data_skipped_lines": train_loader.skipped_lines, **(transforms.read() if transforms else {}),
+                "data_skipped_lines": train_loader.skipped_lines,
+                **(transforms.read(shard_group) if transforms else {}),
             }, console=True)
             window_start, paused = time.perf_counter(), 0.0
         interrupted = time.perf_counter()
@@ -326,10 +335,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         paused += time.perf_counter() - interrupted
 
     reporter.close()
-    if cfg.checkpoint.export_hf and accelerator.is_main_process:
-        transformers.utils.logging.disable_progress_bar()
-        accelerator.unwrap_model(model).save_pretrained(run_dir / "hf")
-        data.export_tokenizer(tokenizer, run_dir / "hf")
+    if cfg.checkpoint.export_hf:
+        weights = export_state_dict(model) if fsdp else None  # gathered from the shards on every rank
+        if accelerator.is_main_process:
+            transformers.utils.logging.disable_progress_bar()
+            accelerator.unwrap_model(model).save_pretrained(run_dir / "hf", state_dict=weights)
+            data.export_tokenizer(tokenizer, run_dir / "hf")
     results["step"] = step
     if "val_loss" in results:
         start = f" (from {math.exp(results['initial_val_loss']):.2f} at step 0)" if "initial_val_loss" in results else ""

@@ -1,5 +1,5 @@
 """Helpers shared by the optimizers: the project's config error, the closure call of `step()`, state
-dtypes that survive `load_state_dict`, and the refusal of sharded (DTensor) parameters.
+dtypes that survive `load_state_dict`.
 
 `torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point parameter to
 the parameter's dtype: a bf16 model would silently round its fp32 running statistics (and fp32
@@ -8,7 +8,7 @@ the saved tensors back with their own dtype.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
@@ -40,17 +40,3 @@ def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str,
             if isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
                 loaded[key] = value.to(device=param.device, copy=True)
 
-
-def refuse_sharded(params: Iterable[torch.Tensor], optimizer_name: str) -> None:
-    """Per-tensor max and norm of a DTensor shard are not those of the whole tensor: refuse clearly."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return
-    for p in params:
-        if isinstance(p, DTensor):
-            raise NotImplementedError(
-                f"{optimizer_name} computes per-tensor max |g| and ||g||; sharded DTensor parameters "
-                "(FSDP2) would give per-shard statistics. Use DDP, or an optimizer without "
-                "per-tensor statistics (adam, adamw, lion) under FSDP2."
-            )

@@ -7,8 +7,9 @@ state tensor is fp32, and roles are matched by name suffix/pattern like the pack
 - q/k projections: one value per attention head (rows of hidden*hidden/n_heads elements);
 - v/o projections, MLP, embedding, lm_head: one value per output row;
 - biases: plain Adam; everything else (norms): one value per tensor.
-Under DDP every rank holds full gradients, so no reduction is needed; sharded DTensor parameters
-are refused (a per-shard mean is not the per-block mean).
+Under DDP every rank holds full gradients, so no reduction is needed; for sharded (FSDP2) DTensor
+parameters the shards' per-block sums of g^2 are all-reduced (one call per param group), so blocks
+that straddle shard boundaries get the whole block's mean (sharding.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ from typing import Any
 
 import torch
 
-from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
+from stablespam._state import evaluate_closure, restore_saved_dtypes
+from stablespam.sharding import (
+    all_reduce_sum_,
+    block_sums,
+    expand_blocks,
+    flat_offset,
+    is_sharded,
+    local,
+    shard_group,
+)
 
 _EMBED = ("embed", "embd", "wte")
 _OUTPUT = ("lm_head", "output", "final_layer")
@@ -84,34 +94,78 @@ class AdamMini(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = evaluate_closure(closure)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p, role in zip(group["params"], group["roles"]):
-                if p.grad is None:
-                    continue
-                refuse_sharded([p], "AdamMini")
-                grad = p.grad.float()
-                blocks = self._blocks(grad, role, group["head_numel"])
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(blocks)
-                    state["vmean"] = torch.zeros_like(blocks) if role == "adam" else (
-                        torch.zeros(blocks.shape[0], 1, device=p.device) if blocks.dim() == 2
-                        else torch.zeros((), device=p.device))
-                second = blocks * blocks if role == "adam" else (
-                    (blocks * blocks).mean(dim=1, keepdim=True) if blocks.dim() == 2
-                    else (blocks * blocks).sum() / blocks.numel())
-                state["vmean"].mul_(beta2).add_(second, alpha=1.0 - beta2)
-                state["step"] += 1
-                if wd > 0:
-                    p.mul_(1.0 - lr * wd)
-                state["exp_avg"].lerp_(blocks, 1.0 - beta1)
-                k = state["step"]
-                h = (state["vmean"].sqrt() / (1.0 - beta2**k) ** 0.5).add_(eps)
-                update = state["exp_avg"] * ((1.0 / (1.0 - beta1**k)) / h) * lr
-                p.sub_(update.view(p.shape).to(p.dtype))
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        live = [(p, role) for p, role in zip(group["params"], group["roles"]) if p.grad is not None]
+        seconds = [self._second_moment(p, role, group["head_numel"]) for p, role in live]
+        # sharded parameters: the shards' per-block sums of g^2, completed in one all_reduce
+        partial = [i for i, (p, role) in enumerate(live)
+                   if is_sharded(p) and self._block(p, role, group["head_numel"])]
+        if partial:
+            sums = all_reduce_sum_(torch.cat([seconds[i].reshape(-1) for i in partial]),
+                                   shard_group(live[i][0] for i in partial))
+            for i, total in zip(partial, sums.split([seconds[i].numel() for i in partial])):
+                p, role = live[i]
+                seconds[i] = (total / self._block(p, role, group["head_numel"])).view_as(seconds[i])
+        for (p, role), second in zip(live, seconds):
+            state = self.state[p]
+            if not state:
+                self._init_state(p, role, group["head_numel"], second)
+            local(state["vmean"]).mul_(beta2).add_(second, alpha=1.0 - beta2)
+            state["step"] += 1
+            if wd > 0:
+                local(p).mul_(1.0 - lr * wd)
+            exp_avg = local(state["exp_avg"])
+            grad = local(p.grad).float()
+            exp_avg.lerp_(self._blocks(grad, role, group["head_numel"]) if not is_sharded(p) else grad, 1.0 - beta1)
+            k = state["step"]
+            h = (local(state["vmean"]).sqrt() / (1.0 - beta2**k) ** 0.5).add_(eps)
+            block = self._block(p, role, group["head_numel"]) if is_sharded(p) else 0
+            if block:  # one value per block of the whole tensor, spread over the shard's entries
+                h = expand_blocks(h, flat_offset(p), block, grad.numel()).view_as(grad)
+            update = exp_avg * ((1.0 / (1.0 - beta1**k)) / h) * lr
+            local(p).sub_(update.view(local(p).shape).to(p.dtype))
+
+    def _second_moment(self, p: torch.Tensor, role: str, head_numel: int) -> torch.Tensor:
+        """g^2 per entry (Adam roles), else its mean per block; for a sharded parameter the shard's
+        per-block sums (all blocks of the whole tensor), which `_step_group` reduces."""
+        grad = local(p.grad).float()
+        block = self._block(p, role, head_numel)
+        if is_sharded(p) and block:
+            per_row = role == "head" or (role == "row" and p.dim() >= 2)
+            return block_sums(grad * grad, flat_offset(p), block, p.numel() // block).view((-1, 1) if per_row else ())
+        blocks = self._blocks(grad, role, head_numel)
+        if not block:
+            return blocks * blocks
+        squares = blocks * blocks
+        return squares.mean(dim=1, keepdim=True) if blocks.dim() == 2 else squares.sum() / blocks.numel()
+
+    def _init_state(self, p: torch.Tensor, role: str, head_numel: int, second: torch.Tensor) -> None:
+        """fp32 moments: `exp_avg` shaped as the blocks (unsharded) or a DTensor like `p` (sharded);
+        `vmean` like `second`: per entry (Adam roles; a DTensor when sharded) or per block of the whole tensor."""
+        state = self.state[p]
+        state["step"] = 0
+        sharded = is_sharded(p)
+        state["exp_avg"] = (torch.zeros_like(p, dtype=torch.float32) if sharded
+                            else torch.zeros_like(self._blocks(p.grad.float(), role, head_numel)))
+        elementwise = not self._block(p, role, head_numel)
+        state["vmean"] = (torch.zeros_like(p, dtype=torch.float32) if sharded and elementwise
+                          else torch.zeros_like(second))
+
+    @staticmethod
+    def _block(p: torch.Tensor, role: str, head_numel: int) -> int:
+        """Entries per second-moment block of the whole tensor; 0 for the per-entry (Adam) role."""
+        if role == "adam":
+            return 0
+        if role == "head":
+            return head_numel
+        if role == "row" and p.dim() >= 2:
+            return p.numel() // p.shape[0]
+        return p.numel()
 
     @staticmethod
     def _blocks(grad: torch.Tensor, role: str, head_numel: int) -> torch.Tensor:

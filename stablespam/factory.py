@@ -37,6 +37,7 @@ from stablespam.adam_mini import AdamMini
 from stablespam.lion import Lion
 from stablespam.low_bit_adam import LowBitAdam
 from stablespam.quantized_state import STATE_BITS
+from stablespam.sharding import is_sharded
 from stablespam.spam import SPAM
 from stablespam.stabilizers import AdaClip, AdaGN, GradientStabilizer, GSNorm, MoRet, SpikeClip, Stabilized
 from stablespam.stable_spam import MODES, StableSPAM
@@ -296,6 +297,16 @@ def validate_config(cfg: Any) -> None:
         raise _fail("compile", True, "needs optimizer.state_bits=32 (quantized moments are updated eagerly)")
 
 
+def refuse_on_shards(c: dict[str, Any]) -> None:
+    """The settings that cannot follow the unsharded run on FSDP2 shards, refused with the key named."""
+    if c.get("state_bits", 32) != 32:
+        raise _fail("state_bits", c["state_bits"], "cannot run with trainer.parallelism=fsdp2: the block-wise "
+                    "quantized moments' blocks would straddle the parameter shards; use optimizer.state_bits=32")
+    if c.get("compile"):
+        raise _fail("compile", True, "cannot run with trainer.parallelism=fsdp2 (the sharded step all-reduces "
+                    "its statistics eagerly); set optimizer.compile=false")
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int) -> torch.optim.Optimizer:
     """The optimizer described by the composed `optimizer` node `cfg` for `model`'s parameters.
 
@@ -304,6 +315,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int) -> torch
     """
     validate_config(cfg)
     c = _as_dict(cfg)
+    if any(is_sharded(p) for p in model.parameters()):
+        refuse_on_shards(c)
     optimizer = BUILDERS[c["kind"]](model, c, total_steps)
     for group in optimizer.param_groups:
         group["base_lr"] = c["lr"]

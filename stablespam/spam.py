@@ -21,6 +21,9 @@ in fp32 chunk by chunk; a reset zeroes codes and scales.
 Every counter lives in `group["global_step"]` and the masks (index tensors) in the per-parameter
 state; masks are drawn from generators seeded by (mask_seed, reset index, parameter index), so a
 resumed run draws the same masks without any saved RNG state.
+Sharded (FSDP2) parameters: the mask is drawn over the whole tensor as above and kept as a bool
+DTensor like the parameter, and the moments are dense DTensors, zero outside the mask (so the
+shards select exactly the unsharded run's entries, and DCP can save and reshard them).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from stablespam.quantized_state import (
     moment_chunks,
     zero_moments_,
 )
+from stablespam.sharding import dense_mask, is_sharded, local, locals_
 from stablespam.transforms import spike_clip_
 
 
@@ -118,19 +122,28 @@ class SPAM(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
+            sharded = is_sharded(p)
             if masked and ("mask" not in state or reset):
                 state["mask"] = self._draw_mask(p, group["density"], group["mask_seed"],
                                                 n // interval if interval else 0,
                                                 group_index * 1_000_003 + param_index)
-            grad = p.grad.reshape(-1).index_select(0, state["mask"]) if masked else p.grad
+                if sharded:
+                    state["mask"] = dense_mask(p, state["mask"])
+            if sharded:  # dense moments like p, zero outside the mask (sharding.dense_mask)
+                grad = torch.where(local(state["mask"]), local(p.grad), 0) if masked else local(p.grad)
+            else:
+                grad = p.grad.reshape(-1).index_select(0, state["mask"]) if masked else p.grad
             if "step" not in state:
                 state["step"] = 0
-                init_moments(state, grad.shape, grad.device, bits, grad.dtype)
+                if sharded:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p.grad), torch.zeros_like(p.grad)
+                else:
+                    init_moments(state, grad.shape, grad.device, bits, grad.dtype)
             elif reset:
                 zero_moments_([state])
             state["step"] += 1
             params.append(p)
-            grads.append(grad.clone() if masked else grad)
+            grads.append(grad.clone() if masked and not sharded else grad)
         if not params:
             return
         states = [self.state[p] for p in params]
@@ -138,8 +151,8 @@ class SPAM(torch.optim.Optimizer):
             chunk_states = [states[i] for i in chunk]
             moments = [DequantizedMoment(chunk_states, key, [grads[i].shape for i in chunk], bits, signed)
                        for key, signed in MOMENTS]
-            self._update([params[i] for i in chunk], [grads[i] for i in chunk], chunk_states,
-                         moments[0].tensors, moments[1].tensors, group, clip, scale)
+            self._update(locals_(params[i] for i in chunk), [grads[i] for i in chunk], chunk_states,
+                         locals_(moments[0].tensors), locals_(moments[1].tensors), group, clip, scale)
             for moment in moments:
                 moment.store()
 
@@ -168,6 +181,11 @@ class SPAM(torch.optim.Optimizer):
                 p.addcdiv_(m, d, value=-step_size)
                 if wd != 0:
                     p.mul_(decay)
+                continue
+            if is_sharded(state["mask"]):  # m is zero outside the mask: only masked entries move or decay
+                p.addcdiv_(m, d, value=-step_size)
+                if wd != 0:
+                    p.mul_(torch.where(local(state["mask"]), decay, 1.0))
                 continue
             flat = p.view(-1)
             mask = state["mask"]

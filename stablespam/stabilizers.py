@@ -15,6 +15,8 @@ transforms are fp32 (fp64 for fp64 parameters) and never reset. Each transform k
 per-tensor counter for their bias corrections, created at its first step, so a transform switched
 on when a run resumes starts its statistics afresh instead of bias-correcting zeros as if they held
 the whole run. The wrapper's step (MoRet's phase, SpikeClip's delay) is `group["stabilizer_step"]`.
+On sharded (FSDP2) parameters the transforms rewrite the local shards of the gradients with the
+whole tensor's statistics (sharding.py).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from typing import Any
 
 import torch
 
-from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
+from stablespam._state import evaluate_closure, restore_saved_dtypes
 from stablespam.quantized_state import moment_tensor
+from stablespam.sharding import local, shard_group
 from stablespam.stable_spam import stat_dtype
 from stablespam.transforms import adaclip_, adagn_, gradient_stabilize_, spike_clip_
 
@@ -160,7 +163,6 @@ class Stabilized(torch.optim.Optimizer):
             reset = reset or bool(self.moret and self.moret.interval > 0 and t % self.moret.interval == 0)
             params = [p for p in group["params"] if p.grad is not None]
             if params and self.transforms:
-                refuse_sharded(params, "Stabilized")
                 self._transform_group(params, t)
         if reset:
             reset_optimizer_state(self.base)
@@ -172,25 +174,26 @@ class Stabilized(torch.optim.Optimizer):
         for p in params:
             buckets[(p.device, p.dtype, self._advance_counters(p))].append(p)
         for (_, _, counts), bucket in buckets.items():
-            grads = [p.grad for p in bucket]
+            grads = [local(p.grad) for p in bucket]
             states = [self.state[p] for p in bucket]
+            group = shard_group(bucket)
             for transform, k in zip(self.transforms, counts):
                 if isinstance(transform, AdaClip):
                     max_ema = torch.stack([s["max_ema"] for s in states])
-                    adaclip_(grads, max_ema, transform.gamma3, 1.0 - transform.gamma3**k)
+                    adaclip_(grads, max_ema, transform.gamma3, 1.0 - transform.gamma3**k, group=group)
                     torch._foreach_copy_([s["max_ema"] for s in states], list(max_ema.unbind(0)))
                 elif isinstance(transform, AdaGN):
                     norm_ema = torch.stack([s["norm_ema"] for s in states])
                     norm_sq_ema = torch.stack([s["norm_sq_ema"] for s in states])
                     adagn_(grads, norm_ema, norm_sq_ema, transform.gamma1, transform.gamma2,
-                           1.0 - transform.gamma1**k, 1.0 - transform.gamma2**k, transform.eps)
+                           1.0 - transform.gamma1**k, 1.0 - transform.gamma2**k, transform.eps, group)
                     torch._foreach_copy_([s["norm_ema"] for s in states], list(norm_ema.unbind(0)))
                     torch._foreach_copy_([s["norm_sq_ema"] for s in states], list(norm_sq_ema.unbind(0)))
                 elif isinstance(transform, GSNorm):
                     keys = _STATISTICS[GSNorm][1]
                     vectors = [torch.stack([s[key] for s in states]) for key in keys]
                     gradient_stabilize_(grads, *vectors, transform.gamma1, transform.gamma2, transform.eps,
-                                        transform.bias_correction)
+                                        transform.bias_correction, group)
                     for key, vector in zip(keys, vectors):
                         torch._foreach_copy_([s[key] for s in states], list(vector.unbind(0)))
                 else:
@@ -209,7 +212,7 @@ class Stabilized(torch.optim.Optimizer):
                 f"{type(self.base).__name__} has none"
             )
         for grad, state in started:  # one tensor at a time: a quantized second moment is dequantized
-            spike_clip_([grad], [moment_tensor(state, "exp_avg_sq", grad.shape)], clip.threshold)
+            spike_clip_([grad], [local(moment_tensor(state, "exp_avg_sq", grad.shape))], clip.threshold)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = self.base.state_dict()

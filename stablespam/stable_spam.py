@@ -23,6 +23,10 @@ the per-parameter state, so `state_dict()` carries the reset phase and the cosin
 gated step (gating.py) t counts calls, skipped ones too, while the per-tensor counters count updates
 taken and are 0-dim fp64 device tensors; the step then computes its scalars on the device.
 
+Sharded (FSDP2) parameters step on their local shards, with AdaClip's max |g| and AdaGN's norms
+reduced over the shards (one all-reduce each per bucket, sharding.py), so they are the whole
+tensor's, as under DDP.
+
 `state_bits=8|4` keeps Adam's moments as block-wise codes (quantized_state.py): the stabilizers run
 as above, then the Adam update runs chunk by chunk on dequantized fp32 moments, which are re-quantized
 (or, at a reset, replaced by zero codes and scales).
@@ -35,7 +39,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from stablespam._state import evaluate_closure, refuse_sharded, restore_saved_dtypes
+import torch.distributed as dist
+
+from stablespam._state import evaluate_closure, restore_saved_dtypes
 from stablespam.quantized_state import (
     MOMENTS,
     STATE_BITS,
@@ -44,6 +50,7 @@ from stablespam.quantized_state import (
     moment_chunks,
     zero_moments_,
 )
+from stablespam.sharding import local, locals_, shard_group
 from stablespam.transforms import adaclip_, adagn_, momentum_scale
 
 MODES = ("official", "corrected")
@@ -142,15 +149,19 @@ def _stabilize_(
     gamma2: float,
     gamma3: float,
     eps: float,
+    group: dist.ProcessGroup | None = None,
 ) -> list[torch.Tensor]:
-    """AdaClip -> AdaGN on `grads` in place, updating the statistics; returns AdaClip's scratch tensors."""
+    """AdaClip -> AdaGN on `grads` in place, updating the statistics; returns AdaClip's scratch tensors.
+
+    `group`: the process group the (local shards of) `grads` are sharded over, for whole-tensor statistics.
+    """
     max_ema = torch.stack(max_emas)
     norm_ema = torch.stack(norm_emas)
     norm_sq_ema = torch.stack(norm_sq_emas)
     workspace = [torch.empty_like(g) for g in grads]
-    adaclip_(grads, max_ema, gamma3, scalars.clip_correction, workspace)
+    adaclip_(grads, max_ema, gamma3, scalars.clip_correction, workspace, group)
     adagn_(grads, norm_ema, norm_sq_ema, scalars.gamma1, gamma2, scalars.norm_correction,
-           scalars.norm_sq_correction, eps)
+           scalars.norm_sq_correction, eps, group)
     torch._foreach_copy_(max_emas, list(max_ema.unbind(0)))
     torch._foreach_copy_(norm_emas, list(norm_ema.unbind(0)))
     torch._foreach_copy_(norm_sq_emas, list(norm_sq_ema.unbind(0)))
@@ -173,9 +184,10 @@ def _stable_spam_bucket(
     gamma3: float,
     reset: bool,
     official: bool,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
     """AdaClip -> AdaGN -> (MoRet) -> Adam for tensors that share device, dtype and counters."""
-    workspace = _stabilize_(grads, max_emas, norm_emas, norm_sq_emas, scalars, gamma2, gamma3, eps)
+    workspace = _stabilize_(grads, max_emas, norm_emas, norm_sq_emas, scalars, gamma2, gamma3, eps, group)
     if reset and not official:
         torch._foreach_zero_(exp_avgs)
         torch._foreach_zero_(exp_avg_sqs)
@@ -307,7 +319,6 @@ class StableSPAM(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        refuse_sharded(params, "StableSPAM")
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("StableSPAM does not support sparse gradients")
         official = group["mode"] == "official"
@@ -333,7 +344,7 @@ class StableSPAM(torch.optim.Optimizer):
             buckets[(p.device, p.dtype, moment_dtype, stat_step, adam_step)].append(p)
 
         if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            torch._foreach_mul_(locals_(params), 1.0 - group["lr"] * group["weight_decay"])
         for (device, param_dtype, _, stat_step, adam_step), bucket in buckets.items():
             step_size, bias_correction2_sqrt = _corrections(group["lr"], beta1, beta2, adam_step)
             scalars = StepScalars(
@@ -353,10 +364,10 @@ class StableSPAM(torch.optim.Optimizer):
                                   eps=group["eps"], gamma2=gamma2, gamma3=gamma3, reset=reset, official=official)
                 continue
             self._bucket_step(
-                bucket,
-                [p.grad for p in bucket],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
+                locals_(bucket),
+                [local(p.grad) for p in bucket],
+                [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states],
                 [s["max_ema"] for s in states],
                 [s["norm_ema"] for s in states],
                 [s["norm_sq_ema"] for s in states],
@@ -367,6 +378,7 @@ class StableSPAM(torch.optim.Optimizer):
                 gamma3=gamma3,
                 reset=reset,
                 official=official,
+                group=shard_group(bucket),
             )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -23,6 +23,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
+
+from stablespam.sharding import all_reduce_max_, all_reduce_sum_
 
 
 class TransformStats:
@@ -35,8 +38,19 @@ class TransformStats:
         self.adaclip_clipped, self.adaclip_entries, self.spike_clipped, self.spike_entries = counters[:4]
         self.norm_scaled_down, self.norm_tensors = counters[4:]
 
-    def read(self) -> dict[str, float | int]:
-        """Host values (one sync) of the mechanisms that ran; the loop logs them."""
+    def read(self, group: dist.ProcessGroup | None = None) -> dict[str, float | int]:
+        """Host values (one sync) of the mechanisms that ran; the loop logs them.
+
+        `group`: the shard group of sharded (FSDP2) parameters, whose per-entry counts each rank
+        made on its own shards (a collective: every rank calls it). The per-tensor counts are the
+        whole tensors' on every rank already.
+        """
+        if group is not None:
+            entries = torch.stack([self.adaclip_clipped, self.adaclip_entries, self.spike_clipped, self.spike_entries])
+            all_reduce_sum_(entries, group)
+            for counter, total in zip((self.adaclip_clipped, self.adaclip_entries, self.spike_clipped,
+                                       self.spike_entries), entries.unbind(0)):
+                counter.copy_(total)
         values: dict[str, float | int] = {}
         if int(self.adaclip_entries):
             values["adaclip_clipped_entries"] = int(self.adaclip_clipped)
@@ -78,23 +92,34 @@ def momentum_scale(step: int, total_steps: int | None, eta_min: float, clamp: bo
     return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * t / (total_steps + 1))) / 2.0
 
 
+def tensor_norms(grads: list[torch.Tensor], dtype: torch.dtype, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Each tensor's L2 norm as one vector; over `group`, the whole tensor's from the shards' squared norms."""
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
+    if group is None:
+        return norms
+    return all_reduce_sum_(norms * norms, group).sqrt()
+
+
 def adaclip_(
     grads: list[torch.Tensor],
     max_ema: torch.Tensor,
     gamma3: float,
     bias_correction: float | torch.Tensor,
     workspace: list[torch.Tensor] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """AdaClip: rescale entries with |g| above the bias-corrected EMA of max |g| by threshold / max |g|.
 
     `max_ema` (fp32, one entry per tensor) is updated in place. Returns the thresholds. Entries are
     multiplied by a factor < 1, so no |g| ever grows and signs are kept. `grads` share one dtype.
     `workspace`: tensors shaped and typed like `grads`, overwritten (allocated here when None).
+    `group`: the process group `grads` (local shards) are sharded over; max |g| is the whole tensor's.
     """
     if workspace is None:
         workspace = [torch.empty_like(g) for g in grads]
-    grad_max = torch.stack([torch.abs(g, out=magnitude).amax() for g, magnitude in zip(grads, workspace)])
-    grad_max = grad_max.to(max_ema.dtype)
+    grad_max = torch.stack([torch.abs(g, out=magnitude).amax() if g.numel() else g.new_zeros(())
+                            for g, magnitude in zip(grads, workspace)])
+    grad_max = all_reduce_max_(grad_max.to(max_ema.dtype), group)
     max_ema.lerp_(grad_max, 1.0 - gamma3)
     threshold = max_ema / bias_correction
     # r = 1 where nothing is clipped, which also keeps all-zero gradients (max 0) finite.
@@ -119,13 +144,14 @@ def adagn_(
     bias_correction1: float | torch.Tensor,
     bias_correction2: float | torch.Tensor,
     eps: float,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """AdaGN: rescale each tensor's gradient to norm m_hat / (sqrt(v_hat) + eps) of its norm EMAs.
 
     `norm_ema`, `norm_sq_ema` (fp32 vectors) are updated in place, also for all-zero gradients
-    (which stay zero), as in the official code. Returns the target norms.
+    (which stay zero), as in the official code. Returns the target norms. `group`: as in `adaclip_`.
     """
-    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_ema.dtype))
+    norms = tensor_norms(grads, norm_ema.dtype, group)
     norm_ema.lerp_(norms, 1.0 - gamma1)
     norm_sq_ema.lerp_(norms * norms, 1.0 - gamma2)
     target = (norm_ema / bias_correction1) / ((norm_sq_ema / bias_correction2).sqrt() + eps)
@@ -163,6 +189,7 @@ def gradient_stabilize_(
     gamma2: float,
     eps: float,
     bias_correction: bool,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
     """GradientStabilizer: rescale each gradient to norm m_hat / (sqrt(v_hat) + eps), keeping its direction.
 
@@ -170,8 +197,9 @@ def gradient_stabilize_(
     one entry per tensor); `count` (int64) counts their updates for the bias corrections. A tensor
     whose norm is not finite or is zero is left as it is (multiplied by exactly 1), does not move
     its statistics or `count`, and is counted in `skipped` (int64). All of it stays on the device.
+    `group`: as in `adaclip_`.
     """
-    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_ema.dtype))
+    norms = tensor_norms(grads, norm_ema.dtype, group)
     ok = torch.isfinite(norms) & (norms > 0)
     count.add_(ok)
     skipped.add_(~ok)

@@ -3,7 +3,9 @@
 Layout of `checkpoints/step_<N>/`: `model.safetensors` and `optimizer.pt` (main process),
 `rank_<r>.pt` (each rank: RNG streams, data position, quantizer streams, loop counters),
 `config.yaml` (the composed config the run had when it saved) and `manifest.json` (written last:
-step, world size, every file's size and sha256).
+step, world size, every file's size and sha256). Under `trainer.parallelism=fsdp2` model and
+optimizer state are instead `sharded/` (torch.distributed.checkpoint: every rank writes its shards,
+in parallel; a resume on another number of processes reshards them), under the same manifest.
 
 Why not accelerate's `save_state`/`load_state`: its loader swallows an unreadable RNG file (resume
 then silently stops being exact) and its optimizer load restores the saved hyperparameters over the
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
@@ -35,11 +38,14 @@ from data.prepare import fsync_directory as fsync_path
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
+from stablespam.sharding import is_sharded
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 CONFIG_FILE = "config.yaml"
+SHARDED_DIR = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -178,17 +184,23 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        if sharded(model):
+            dcp.save({"model": model.state_dict(), "optimizer": _string_keys(optimizer.state_dict())[0]},
+                     checkpoint_id=staging / SHARDED_DIR)
+        elif acc.is_main_process:
             save_model(acc.unwrap_model(model), str(staging / MODEL_FILE))
             torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        if acc.is_main_process:
             OmegaConf.save(config, staging / CONFIG_FILE, resolve=True)
         torch.save({**rank_state, "rng": rng_state()}, staging / rank_file(acc.process_index))
         acc.wait_for_everyone()
         if acc.is_main_process:
             files = {}
-            for file in sorted(staging.iterdir()):
+            for file in sorted(f for f in staging.rglob("*") if f.is_file()):
                 fsync_path(file)
-                files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+                files[str(file.relative_to(staging))] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+            if (staging / SHARDED_DIR).is_dir():
+                fsync_path(staging / SHARDED_DIR)
             manifest = {"step": step, "world_size": acc.num_processes, "files": files}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
             fsync_path(staging / MANIFEST)
@@ -206,24 +218,61 @@ class CheckpointManager:
         with `saved_world_size` added.
 
         Elastic resume (another number of processes): model and optimizer state are replicated under
-        DDP and the loop, totals and data position are global, so every rank takes them from
-        `rank_0.pt`; the per-rank random streams cannot be mapped to other ranks and are left for the
-        caller to restart (see `elastic_seed`).
+        DDP (and resharded by DCP under FSDP2) and the loop, totals and data position are global, so
+        every rank takes them from `rank_0.pt`; the per-rank random streams cannot be mapped to
+        other ranks and are left for the caller to restart (see `elastic_seed`).
         """
         acc = self.accelerator
         saved_world = read_manifest(path)["world_size"]
         elastic = saved_world != acc.num_processes
         unwrapped = acc.unwrap_model(model)
-        check_model_shapes(path, unwrapped)
         device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # multi-process CPU runs report "cpu:0"
-        load_model(unwrapped, str(path / MODEL_FILE), device=device)
-        load_optimizer(optimizer, torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=False))
+        if sharded(model):
+            load_optimizer(optimizer, load_sharded(path / SHARDED_DIR, model, optimizer))
+        else:
+            check_model_shapes(path, unwrapped)
+            load_model(unwrapped, str(path / MODEL_FILE), device=device)
+            load_optimizer(optimizer, torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=False))
         state = torch.load(path / rank_file(0 if elastic else acc.process_index), map_location="cpu", weights_only=False)
         rng = state.pop("rng")
         if not elastic:
             set_rng_state(rng)
         state["saved_world_size"] = saved_world
         return state
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load the DCP checkpoint's weights into `model` in place; returns its optimizer state dict.
+
+    DCP loads into a state dict of the right structure, so the optimizer's state is first created
+    by one step on zero gradients at learning rate 0 (torch's own way, `_init_optim_state`: it moves
+    no weight), then overwritten by the saved one.
+    """
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    _init_optim_state(optimizer)
+    template, per_param = _string_keys(optimizer.state_dict())
+    state = {"model": model.state_dict(), "optimizer": template}
+    dcp.load(state, checkpoint_id=directory)
+    model.load_state_dict(state["model"])
+    return {key: {int(i): v for i, v in value.items()} if key in per_param else value
+            for key, value in state["optimizer"].items()}
+
+
+def _string_keys(optimizer_state: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """The optimizer state dict with its per-parameter dicts keyed by str(index), and their names.
+
+    DCP addresses entries by string paths: an int key would be loaded back under a second, string
+    key (losing every non-tensor entry, such as the step counters).
+    """
+    per_param = {key for key, value in optimizer_state.items()
+                 if isinstance(value, dict) and all(isinstance(i, int) for i in value)}
+    return {key: {str(i): v for i, v in value.items()} if key in per_param else value
+            for key, value in optimizer_state.items()}, per_param
 
 
 def elastic_seed(seed: int, rank: int, step: int) -> int:

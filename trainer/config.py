@@ -49,6 +49,9 @@ class TrainerConfig:
     every multiple of N (0 = never): one extra eval-mode forward of a micro-batch."""
     cpu: bool = False
     """Force CPU even when a GPU is visible."""
+    parallelism: str = "ddp"
+    """ddp (every rank holds the whole model) | fsdp2 (parameters, gradients and optimizer state sharded
+    across the ranks by torch's `fully_shard`; the optimizers' statistics stay whole-tensor)."""
 
 
 @dataclass
@@ -93,6 +96,7 @@ PRECISIONS = ("fp32", "bf16_mixed", "pure_bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 SPIKE_POLICIES = ("off", "skip")
+PARALLELISMS = ("ddp", "fsdp2")
 
 
 class ConfigError(ValueError):
@@ -118,6 +122,14 @@ def check_run_config(cfg: Any, world_size: int) -> int:
     t = cfg.trainer
     if t.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if t.parallelism not in PARALLELISMS:
+        raise ConfigError(f"trainer.parallelism={t.parallelism!r}: choose one of {', '.join(PARALLELISMS)}")
+    if t.parallelism == "fsdp2" and t.compile:
+        raise ConfigError("trainer.compile=true is not supported with trainer.parallelism=fsdp2; "
+                          "set trainer.compile=false or trainer.parallelism=ddp")
+    if t.parallelism == "fsdp2" and world_size < 2:
+        raise ConfigError("trainer.parallelism=fsdp2 shards over processes but this run has one; launch it with "
+                          "torchrun / accelerate launch, or use trainer.parallelism=ddp")
     if t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"trainer.lr_schedule={t.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     if t.nonfinite_policy not in NONFINITE_POLICIES:

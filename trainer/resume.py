@@ -3,7 +3,8 @@
 A checkpoint holds state (weights, moments, counters, data position, RNG) and the config it was
 saved with. On resume the two configs are compared key by key; every difference is reported in
 one line, and a difference that the saved state cannot follow (another model shape, tokenizer,
-row layout or data stream, another optimizer) is refused with one line naming the key.
+row layout or data stream, another optimizer, DDP <-> FSDP2: a DDP checkpoint is one safetensors
+file, an FSDP2 one is sharded DCP) is refused with one line naming the key.
 """
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ FIXED_ON_RESUME = (
     "data.lanes",
     "data.lane_rows",
     "trainer.seed",
+    "trainer.parallelism",
 )
 # Keys that never matter for the saved state: where the run lives and how it is displayed.
 IGNORED = ("run_dir", "output_root", "logging.progress", "checkpoint.resume", "checkpoint.overwrite")
+# Keys added after checkpoints were written: a config without one has this value.
+ADDED_KEYS = {"trainer.parallelism": "ddp"}
 # Weights are kept in fp32 in both of these, so a run can move between them; pure_bf16 stores bf16.
 _FP32_MASTER = ("fp32", "bf16_mixed")
 
@@ -48,8 +52,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def changed_settings(saved: DictConfig, current: DictConfig) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every leaf that differs, in key order."""
-    old = _flatten(OmegaConf.to_container(saved, resolve=True))
-    new = _flatten(OmegaConf.to_container(current, resolve=True))
+    old = {**ADDED_KEYS, **_flatten(OmegaConf.to_container(saved, resolve=True))}
+    new = {**ADDED_KEYS, **_flatten(OmegaConf.to_container(current, resolve=True))}
     changes = []
     for key in sorted(set(old) | set(new)):
         if key in IGNORED or key.startswith("hydra."):

@@ -1,10 +1,10 @@
 """One training step, shared by `train.py` and every benchmark script, and its device-side totals.
 
-`train_step` runs the micro-batches of one global batch (gradient all-reduce only on the last),
-measures the gradient norm (clipping only when asked), and steps the optimizer. It reads nothing
-back to the host, also when the caller skips updates on a device decision (`stablespam.gating`;
-only optimizers that need host counters read it, see there), so a step on a GPU queues its kernels
-and returns. `RunningTotals` accumulates what the loop logs (loss, real tokens, the first
+`train_step` runs the micro-batches of one global batch (gradient all-reduce, or FSDP2's
+reduce-scatter, only on the last), measures the gradient norm (clipping only when asked), and
+steps the optimizer. It reads nothing back to the host, also when the caller skips updates on a
+device decision (`stablespam.gating`; only optimizers that need host counters read it, see there),
+so a step on a GPU queues its kernels and returns. `RunningTotals` accumulates what the loop logs (loss, real tokens, the first
 non-finite step, skipped updates and the longest run of them) on the device; the loop reads it
 only on logging steps and before saving a checkpoint.
 
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from stablespam.gating import gated_step
+from stablespam.sharding import is_sharded
+from trainer.parallel import is_fsdp
 
 IGNORE_INDEX = -100
 
@@ -66,11 +68,19 @@ def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_norm(model: torch.nn.Module, accelerator: Accelerator, grad_clip: float) -> torch.Tensor:
-    """Total L2 norm of the gradients before clipping; clips to `grad_clip` only when it is > 0."""
+    """Total L2 norm of the gradients before clipping; clips to `grad_clip` only when it is > 0.
+
+    Sharded (FSDP2) gradients: the norm of the whole model, from the shards' norms in one all-reduce.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if any(is_sharded(p) for p in params):
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0).full_tensor()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total)
+        return total
     if grad_clip > 0:
         return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads, 2.0)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -89,9 +99,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
-        with contextlib.nullcontext() if i == last else accelerator.no_sync(model):
+        if is_fsdp(model):  # gradients stay unsharded and unreduced until the last micro-batch
+            model.set_requires_gradient_sync(i == last)
+        with contextlib.nullcontext() if i == last or is_fsdp(model) else accelerator.no_sync(model):
             micro_loss = token_loss_sum(model, batch)
-            # DDP averages gradients over ranks, hence the world-size factor: the result is the
+            # DDP and FSDP2 average gradients over ranks, hence the world-size factor: the result is the
             # gradient of the token mean over the whole global batch.
             accelerator.backward(micro_loss * world / global_targets)
         loss_sum += micro_loss.detach().double()
