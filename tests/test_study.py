@@ -138,7 +138,7 @@ def test_a_wrong_study_fails_with_one_line_naming_the_key(tmp_path, text, messag
 
 
 def test_unknown_study_and_scale():
-    with pytest.raises(S.StudyError, match="studies: gradient_stabilizer, lr_sensitivity"):
+    with pytest.raises(S.StudyError, match="studies: fp4_recipes, gradient_stabilizer, lr_sensitivity, "):
         S.load_study("table9", "tiny")
     with pytest.raises(S.StudyError, match="scale 'huge'"):
         S.load_study("table1_int4", "huge")
