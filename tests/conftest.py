@@ -51,3 +51,23 @@ def tiny_config():
             return compose(config_name="config", overrides=[*TINY_OVERRIDES, f"run_dir={run_dir}", *overrides])
 
     return make
+
+
+@pytest.fixture
+def quant_hydra():
+    """Hydra initialised on configs/quant/, so a test can `compose(config_name="nvfp4", ...)` one format."""
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    import quant
+
+    cs = ConfigStore.instance()
+    quant.register_configs(cs)
+    # The group's yamls name `quant_schema`; composing them standalone needs it at the root too.
+    cs.store(name="quant_schema", node=quant.QuantConfig)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs" / "quant"),
+                               version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()

@@ -2,7 +2,8 @@
 side, per optimizer, on the same batches through `trainer.step.train_step`.
 
 `torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT.json` writes (rank 0), per optimizer: both
-runs' losses and gradient norms, the largest |difference| of the final parameters, and the
+runs' losses, gradient norms and skipped updates (the GATED runs drop one through the device-gated
+step), the largest |difference| of the final parameters, and the
 optimizers' whole-tensor statistics and what the transforms did (TransformStats) from both runs;
 and the messages of the settings refused on
 shards. The DDP copy is the oracle: every rank holds the
@@ -56,6 +57,8 @@ OPTIMIZERS = {
                                           "optimizer.spike_clip=true", "optimizer.spike_delay=2",
                                           "optimizer.spike_threshold=2", "optimizer.moret_interval=4"], 0.0),
 }
+# these runs drop the update of step SKIPPED_STEP through the device-gated step (stablespam.gating)
+GATED, SKIPPED_STEP = ("adamw", "stable_spam_official", "lion_adagn_adaclip", "adam_gradient_stabilizer"), 5
 # per-parameter statistics that must be the whole tensor's, hence equal in both runs
 STATISTICS = ("max_ema", "norm_ema", "norm_sq_ema", "vmean", "gs_norm_ema", "gs_norm_sq_ema", "exp_avg_sq_row",
               "exp_avg_sq_col", "RMS")
@@ -110,14 +113,18 @@ def main(out_path: str) -> None:
         for kind, model in (("ddp", ddp_model), ("fsdp", fsdp_model)):
             optimizer = stablespam.build_optimizer(model, cfg.optimizer, total_steps=STEPS)
             wrapped = DistributedDataParallel(model) if kind == "ddp" else model
-            losses, norms = [], []
+            losses, norms, skipped = [], [], []
             counts = stablespam.TransformStats("cpu")
             with stablespam.recording(counts):
                 for step in range(STEPS):
-                    out = train_step(wrapped, optimizer, batches(step, rank), accelerator, grad_clip=grad_clip)
+                    skip_if = (lambda loss, norm, s=step: torch.tensor(s == SKIPPED_STEP)) if name in GATED else None
+                    out = train_step(wrapped, optimizer, batches(step, rank), accelerator, grad_clip=grad_clip,
+                                     skip_if=skip_if)
                     losses.append(float(out.loss))
                     norms.append(float(out.grad_norm))
-            runs[kind] = {"loss": losses, "grad_norm": norms, "statistics": statistics(optimizer, model),
+                    skipped.append(out.skipped is not None and bool(out.skipped))
+            runs[kind] = {"loss": losses, "grad_norm": norms, "skipped": skipped,
+                          "statistics": statistics(optimizer, model),
                           "transform_counts": counts.read(dist.group.WORLD if kind == "fsdp" else None),
                           "params": {n: full(p.detach()) for n, p in model.named_parameters()}}
         param_diff = max((runs["ddp"]["params"][n] - runs["fsdp"]["params"][n]).abs().max().item()

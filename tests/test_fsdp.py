@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from fsdp_worker import GATED, OPTIMIZERS, SKIPPED_STEP
 from stablespam.sharding import block_sums, expand_blocks
 from test_train_e2e import ROOT, command, free_port, launch_two, run, train_losses
 from trainer import resume
@@ -36,15 +37,13 @@ def side_by_side(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-OPTIMIZERS = ["adamw", "stable_spam_official", "stable_spam_corrected", "spam", "adam_mini", "lion_adagn_adaclip",
-              "adafactor", "adafactor_relative_step", "adam_gradient_stabilizer"]
 
 
 def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), 1e-12)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_fsdp2_follows_ddp(side_by_side, name):
     ddp, fsdp = side_by_side[name]["ddp"], side_by_side[name]["fsdp"]
     assert len(ddp["loss"]) == len(fsdp["loss"]) == 10
@@ -53,6 +52,7 @@ def test_fsdp2_follows_ddp(side_by_side, name):
     assert max(relative(a, b) for a, b in zip(ddp["grad_norm"], fsdp["grad_norm"])) < 1e-5
     assert side_by_side[name]["param_max_abs_diff"] < 1e-4
     assert fsdp["transform_counts"] == ddp["transform_counts"]
+    assert ddp["skipped"] == fsdp["skipped"] == [name in GATED and step == SKIPPED_STEP for step in range(10)]
     assert ddp["statistics"].keys() == fsdp["statistics"].keys()
     for key, expected in ddp["statistics"].items():
         if key.endswith(".mask"):

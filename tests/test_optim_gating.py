@@ -40,14 +40,6 @@ CASES = {
 DEVICE = [name for name, case in CASES.items() if case[2] != "host"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name: str, *extra: str):
     preset, overrides, _ = CASES[name]
     torch.manual_seed(0)

@@ -24,30 +24,6 @@ TINY = ModelConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
 TOKENS, IN, OUT = 64, 96, 160
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These are tiny ops: one intra-op thread is 10x faster on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def quant_hydra():
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    cs = ConfigStore.instance()
-    quant.register_configs(cs)
-    cs.store(name="quant_schema", node=quant.QuantConfig)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
-
-
 def _recipe(name: str):
     cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     cfg.pop("defaults")

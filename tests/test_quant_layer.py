@@ -3,9 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -233,18 +231,6 @@ def test_seed_gives_distinct_streams_per_rank_reproducibly():
 
 
 # ------------------------------------------------------------------------------- configs
-
-
-@pytest.fixture
-def quant_hydra():
-    cs = ConfigStore.instance()
-    quant.register_configs(cs)
-    # The group's yamls name `quant_schema`; composing them standalone needs it at the root too.
-    cs.store(name="quant_schema", node=quant.QuantConfig)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def test_expected_configs_exist():
