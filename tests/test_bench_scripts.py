@@ -14,7 +14,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("compile_flag", [[], ["--compile", "--only", "stable_spam_compiled"]])
+# The compiled variant (20 s, a torch.compile of the step) runs with -m slow; the compiled step itself
+# is tested in tests/test_optim_stable_spam.py.
+@pytest.mark.parametrize("compile_flag", [[], pytest.param(["--compile", "--only", "stable_spam_compiled"],
+                                                           marks=pytest.mark.slow)])
 def test_bench_optimizer_reports_each_optimizer_as_a_ratio_to_adamw(compile_flag):
     out = subprocess.run(
         [sys.executable, "scripts/bench_optimizer.py", "--device", "cpu", "--sizes", "tiny", "--steps", "1",
