@@ -30,7 +30,8 @@ from models import ModelConfig, build_model  # noqa: E402
 from quant import build_converter  # noqa: E402
 from trainer.step import train_step  # noqa: E402
 
-SIMULATED = ["int8", "int4", "fp4", "mxfp4", "nvfp4", "int4_official", "fp4_official"]
+SIMULATED = ["int8", "int4", "fp4", "mxfp4", "nvfp4", "int4_official", "fp4_official", "nvfp4_recipe", "quartet",
+             "mxfp4_backward"]
 
 
 def load_yaml(group: str, name: str):

@@ -69,7 +69,7 @@ PARTS = [
     Part("bench_optimizer_compiled", ("scripts/bench_optimizer.py", "--sizes", "350m", "--compile", "--only",
                                       "stable_spam_compiled", "--repeats", "1"), 120),
     Part("bench_quant", ("scripts/bench_quant.py", "--model", "llama_350m", "--compile", *ANCHOR_BATCH,
-                         "--configs", "int4", "int4_official", "fp8"), 240, budget_flag="--budget-s"),
+                         "--configs", "int4", "int4_official", "fp8", "nvfp4_recipe"), 240, budget_flag="--budget-s"),
 ]
 
 DEVICE_INFO = """
