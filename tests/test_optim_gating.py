@@ -12,6 +12,7 @@ from models import build_model
 from optim_support import TINY, compose_optimizer
 from stablespam import build_optimizer
 from stablespam.gating import gated_step, gating_mode, prepare
+from trainer.config import ConfigError, check_run_config, register_configs
 
 NO_SCHEDULE = ("optimizer.reset_interval=0", "optimizer.total_steps=null")
 # (preset, overrides, mode); resets every 3 steps where the optimizer has them, so a skip at the third
@@ -172,3 +173,12 @@ def test_the_host_mode_reads_the_flag():
     model, optimizer = build("spam")
     with pytest.raises(AssertionError, match="read on the host"), no_host_reads():
         step(model, optimizer, gradients(1)[0], skip=True)
+
+
+@pytest.mark.parametrize("policy", ["trainer.spike_policy=skip", "trainer.nonfinite_policy=skip"])
+def test_a_compiled_stable_spam_step_with_a_skip_policy_is_refused(tiny_config, tmp_path, policy):
+    register_configs()
+    cfg = tiny_config(tmp_path, "optimizer.compile=true", policy)
+    with pytest.raises(ConfigError, match="^optimizer.compile=true cannot be combined with trainer.spike_policy=skip"):
+        check_run_config(cfg, 1)
+    check_run_config(tiny_config(tmp_path, "optimizer.compile=true"), 1)  # compile alone still runs

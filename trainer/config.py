@@ -142,6 +142,12 @@ def check_run_config(cfg: Any, world_size: int) -> int:
         )
     if t.spike_policy not in SPIKE_POLICIES:
         raise ConfigError(f"trainer.spike_policy={t.spike_policy!r}: choose one of {', '.join(SPIKE_POLICIES)}")
+    if "skip" in (t.spike_policy, t.nonfinite_policy) and cfg.optimizer.get("compile", False):
+        raise ConfigError(
+            "optimizer.compile=true cannot be combined with trainer.spike_policy=skip or trainer.nonfinite_policy="
+            "skip: the device-gated step keeps per-tensor counters, so the compiled bucket step would recompile "
+            "for every tensor; set optimizer.compile=false"
+        )
     if t.quant_error_every < 0:
         raise ConfigError(f"trainer.quant_error_every={t.quant_error_every} must be >= 0 (0 = never)")
     if t.spike_z <= 0:
