@@ -61,13 +61,13 @@ def quant_hydra():
     from hydra.core.global_hydra import GlobalHydra
 
     import quant
+    from quant_support import CONFIG_DIR
 
     cs = ConfigStore.instance()
     quant.register_configs(cs)
     # The group's yamls name `quant_schema`; composing them standalone needs it at the root too.
     cs.store(name="quant_schema", node=quant.QuantConfig)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs" / "quant"),
-                               version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         yield
     GlobalHydra.instance().clear()

@@ -4,46 +4,23 @@ The model's widths (64, 88) are no multiple of any format's group size (16, 32, 
 every quantized operand has a zero-padded partial group: the case that inductor's CPU loop split
 miscompiled into a NaN loss (see `quant.functional.crop`).
 """
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from models import ModelConfig, build_model
-from quant import QuantSpec, build_converter, quantize_with_mask
+from models import ModelConfig
+from quant import QuantSpec, quantize_with_mask
+from quant_support import training_losses
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quant"
 TINY = ModelConfig(hidden_size=64, intermediate_size=88, num_hidden_layers=1,
                    num_attention_heads=2, vocab_size=128)
 STEPS = 20
 
 
-def _quant_config(name):
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    cfg.pop("defaults")
-    return cfg
-
-
 def _losses(quant, precision, compiled):
     """AdamW losses of `STEPS` steps on four fixed batches, from seed-0 weights."""
-    torch._dynamo.reset()  # a fresh compile per case, never the recompile limit's eager fallback
-    torch.manual_seed(0)
-    model = build_model(TINY, torch.bfloat16 if precision == "pure_bf16" else torch.float32)
-    build_converter(_quant_config(quant)).convert(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    run = torch.compile(model) if compiled else model
     batches = torch.randint(0, TINY.vocab_size, (4, 2, 32), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for step in range(STEPS):
-        ids = batches[step % len(batches)]
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16_mixed"):
-            loss = run(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return torch.tensor(losses)
+    return training_losses(TINY, quant, precision, STEPS, batches, compiled=compiled)
 
 
 @pytest.mark.parametrize("precision", ["bf16_mixed", "pure_bf16"])

@@ -3,7 +3,6 @@ mxfp4_backward}.yaml), checked against plain-PyTorch GEMMs whose operand specs a
 from the papers, against torchao's MX/NVFP4 quantizers, and statistically (stochastic rounding)."""
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from quant import QuantConfigError, QuantLinear, QuantSpec, build_converter, fak
 from quant.converter import to_quant_config
 from quant.functional import nvfp4_scales
 from quant.gemms import DgradGemm, GemmSpecs, WgradGemm
+from quant_support import quant_yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quant"
 TINY = ModelConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                    num_attention_heads=4, vocab_size=8192)
 # Distinct sizes, so an operand quantized along the wrong dimension fails (or changes the groups).
@@ -25,9 +24,7 @@ TOKENS, IN, OUT = 64, 96, 160
 
 
 def _recipe(name: str):
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    cfg.pop("defaults")
-    return to_quant_config(cfg)
+    return to_quant_config(quant_yaml(name))
 
 
 def _layer(cfg, streams) -> QuantLinear:
@@ -392,8 +389,7 @@ def test_nvfp4_recipe_keeps_the_last_15_percent_of_blocks_and_lm_head_in_high_pr
     ],
 )
 def test_bad_per_gemm_settings_fail_with_one_line_naming_the_key(change, key):
-    base = OmegaConf.load(CONFIG_DIR / "nvfp4_recipe.yaml")
-    base.pop("defaults")
+    base = quant_yaml("nvfp4_recipe")
     with pytest.raises(QuantConfigError, match=key) as error:
         to_quant_config(OmegaConf.merge(base, change))
     assert "\n" not in str(error.value)

@@ -3,51 +3,28 @@
 Marked `gpu` (excluded by default; run with `pytest -m gpu`) and skipped without CUDA, so they
 import and collect on a CPU-only machine.
 """
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from models import ModelConfig, build_model
-from quant import QuantLinear, QuantSpec, RoundingStreams, build_converter
+from models import ModelConfig
+from quant import QuantLinear, QuantSpec, RoundingStreams
+from quant_support import training_losses
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quant"
 # Widths no multiple of the 4-bit group sizes (partial groups), and multiples of 16 (FP8 GEMMs).
 TINY = ModelConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                    num_attention_heads=2, vocab_size=256)
 
 
-def _quant_config(name):
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    cfg.pop("defaults")
-    return cfg
-
-
 def _train(quant, precision, steps, compiled=False, lr=3e-3):
     """Losses of AdamW steps on two fixed CUDA batches, from seed-0 weights."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = build_model(TINY, torch.bfloat16 if precision == "pure_bf16" else torch.float32)
-    build_converter(_quant_config(quant)).convert(model.cuda())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    run = torch.compile(model) if compiled else model
     batches = torch.randint(0, TINY.vocab_size, (2, 4, 64), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for step in range(steps):
-        ids = batches[step % len(batches)].cuda()
-        with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16_mixed"):
-            loss = run(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return torch.tensor(losses)
+    return training_losses(TINY, quant, precision, steps, batches, device="cuda", compiled=compiled, lr=lr)
 
 
 @pytest.mark.parametrize("precision", ["bf16_mixed", "pure_bf16"])

@@ -1,10 +1,7 @@
 """QuantLinear, the model converter, resume of stochastic rounding, and the Hydra configs."""
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose
-from omegaconf import OmegaConf
 from torch import nn
 
 import quant
@@ -18,17 +15,11 @@ from quant import (
     build_converter,
     fake_quantize,
 )
+from quant_support import CONFIG_DIR, quant_yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quant"
 ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 TINY = ModelConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                    num_attention_heads=4, vocab_size=8192)
-
-
-def _load(name: str):
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    cfg.pop("defaults")
-    return cfg
 
 
 def _tiny_model(seed=0):
@@ -138,7 +129,7 @@ def test_converter_swaps_exactly_the_projection_linears():
     model = _tiny_model()
     keys_before = list(model.state_dict().keys())
     params_before = {n: p for n, p in model.named_parameters()}
-    converter = build_converter(_load("int4"))
+    converter = build_converter(quant_yaml("int4"))
     converter.convert(model)
     swapped = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     expected = {f"model.layers.{i}.{part}.{p}" for i in range(2) for p in PROJECTIONS
@@ -151,13 +142,13 @@ def test_converter_swaps_exactly_the_projection_linears():
 
 
 def test_converter_keeps_first_and_last_blocks_and_excluded_names():
-    cfg = _load("int4")
+    cfg = quant_yaml("int4")
     cfg.keep_first_blocks = 1
     model = _tiny_model()
     build_converter(cfg).convert(model)
     swapped = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert swapped and all(n.startswith("model.layers.1.") for n in swapped)
-    cfg = _load("int4")
+    cfg = quant_yaml("int4")
     cfg.keep_last_blocks = 1
     cfg.exclude_modules = ["*.mlp.down_proj"]
     model = _tiny_model()
@@ -168,16 +159,16 @@ def test_converter_keeps_first_and_last_blocks_and_excluded_names():
 
 def test_none_converts_nothing_and_fp8_refuses_on_cpu():
     model = _tiny_model()
-    build_converter(_load("none")).convert(model)
+    build_converter(quant_yaml("none")).convert(model)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
     with pytest.raises(Fp8UnavailableError, match=r"sm_89\+\); this run is on CPU"):
-        build_converter(_load("fp8")).convert(_tiny_model())
+        build_converter(quant_yaml("fp8")).convert(_tiny_model())
 
 
 def _sr_config():
-    cfg = _load("int4")
+    cfg = quant_yaml("int4")
     cfg.weight.stochastic = True
     cfg.activation.stochastic = True
     cfg.gradient = {"format": "int8", "stochastic": True}
@@ -267,7 +258,7 @@ def test_eval_rounds_to_nearest_and_leaves_the_streams_alone():
     converter.convert(model)
     converter.seed(1234, rank=0)
     reference = _tiny_model()  # same weights, round-to-nearest everywhere
-    rtn = _load("int4")
+    rtn = quant_yaml("int4")
     rtn.gradient = {"format": "int8"}
     build_converter(rtn).convert(reference)
     ids = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
