@@ -1,5 +1,5 @@
 """Helpers shared by the optimizers: the project's config error, the closure call of `step()`, state
-dtypes that survive `load_state_dict`.
+dtypes that survive `load_state_dict`, the base class of the optimizers that step group by group.
 
 `torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point parameter to
 the parameter's dtype: a bf16 model would silently round its fp32 running statistics (and fp32
@@ -40,3 +40,22 @@ def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str,
             if isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
                 loaded[key] = value.to(device=param.device, copy=True)
 
+
+
+class GroupwiseOptimizer(torch.optim.Optimizer):
+    """An optimizer whose `step()` runs `_step_group(group)` for each param group, and whose
+    `load_state_dict` keeps the saved state dtypes (`restore_saved_dtypes`)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)

@@ -13,12 +13,12 @@ that straddle shard boundaries get the whole block's mean (sharding.py).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from stablespam._state import evaluate_closure, restore_saved_dtypes
+from stablespam._state import GroupwiseOptimizer
 from stablespam.sharding import (
     all_reduce_sum_,
     block_sums,
@@ -54,7 +54,7 @@ def _no_weight_decay(name: str) -> bool:
     return "norm" in name or "ln" in name or "bias" in name
 
 
-class AdamMini(torch.optim.Optimizer):
+class AdamMini(GroupwiseOptimizer):
     """Adam-mini over `named_parameters`; `dim`/`n_heads` give the q/k head size dim*dim/n_heads."""
 
     def __init__(
@@ -89,13 +89,6 @@ class AdamMini(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         head_numel=dim * dim // n_heads)
         super().__init__([groups[k] for k in sorted(groups)], defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
@@ -176,7 +169,3 @@ class AdamMini(torch.optim.Optimizer):
         if role == "adam" or role == "row":
             return grad
         return grad.reshape(-1)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)

@@ -12,17 +12,17 @@ builds torch's classes for 32 bits and this one for 8 and 4. Its state layout is
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from stablespam._state import evaluate_closure, restore_saved_dtypes
+from stablespam._state import GroupwiseOptimizer
 from stablespam.quantized_state import MOMENTS, STATE_BITS, DequantizedMoment, init_moments, moment_chunks
 from stablespam.stable_spam import adam_update_
 
 
-class LowBitAdam(torch.optim.Optimizer):
+class LowBitAdam(GroupwiseOptimizer):
     """Adam (`decoupled_weight_decay=False`, L2 added to the gradient) or AdamW with `state_bits` moments."""
 
     def __init__(
@@ -44,13 +44,6 @@ class LowBitAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, state_bits=state_bits)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
         bits = group["state_bits"]
@@ -87,7 +80,6 @@ class LowBitAdam(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
         for state in self.state.values():  # a checkpoint of fused Adam, or one loaded onto a GPU
             if "step" in state:
                 state["step"] = state["step"].to("cpu", torch.float32)

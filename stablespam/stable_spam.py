@@ -41,7 +41,7 @@ import torch
 
 import torch.distributed as dist
 
-from stablespam._state import evaluate_closure, restore_saved_dtypes
+from stablespam._state import GroupwiseOptimizer
 from stablespam.quantized_state import (
     MOMENTS,
     STATE_BITS,
@@ -237,7 +237,7 @@ def _quantized_bucket(
                 moment.store()
 
 
-class StableSPAM(torch.optim.Optimizer):
+class StableSPAM(GroupwiseOptimizer):
     """Adam with AdaClip, AdaGN and momentum reset (MoRet); see the module docstring for `mode`.
 
     `reset_interval` is the paper's Delta T (official `update_proj_gap`, 0 = never); `total_steps` the
@@ -306,13 +306,6 @@ class StableSPAM(torch.optim.Optimizer):
             state[key] = torch.zeros((), dtype=stat_dtype(p.dtype), device=p.device)
         return state
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
-
     def _step_group(self, group: dict[str, Any]) -> None:
         group["global_step"] += 1
         t = group["global_step"]
@@ -380,7 +373,3 @@ class StableSPAM(torch.optim.Optimizer):
                 official=official,
                 group=shard_group(bucket),
             )
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
