@@ -38,7 +38,7 @@ from data.prepare import fsync_directory as fsync_path
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-from stablespam.sharding import is_sharded
+from trainer.parallel import is_fsdp
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -184,7 +184,7 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
-        if sharded(model):
+        if is_fsdp(model):
             dcp.save({"model": model.state_dict(), "optimizer": _string_keys(optimizer.state_dict())[0]},
                      checkpoint_id=staging / SHARDED_DIR)
         elif acc.is_main_process:
@@ -227,7 +227,7 @@ class CheckpointManager:
         elastic = saved_world != acc.num_processes
         unwrapped = acc.unwrap_model(model)
         device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # multi-process CPU runs report "cpu:0"
-        if sharded(model):
+        if is_fsdp(model):
             load_optimizer(optimizer, load_sharded(path / SHARDED_DIR, model, optimizer))
         else:
             check_model_shapes(path, unwrapped)
@@ -239,10 +239,6 @@ class CheckpointManager:
             set_rng_state(rng)
         state["saved_world_size"] = saved_world
         return state
-
-
-def sharded(model: torch.nn.Module) -> bool:
-    return any(is_sharded(p) for p in model.parameters())
 
 
 def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

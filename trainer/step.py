@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from stablespam.gating import gated_step
-from stablespam.sharding import is_sharded
 from trainer.parallel import is_fsdp
 
 IGNORE_INDEX = -100
@@ -73,7 +72,7 @@ def gradient_norm(model: torch.nn.Module, accelerator: Accelerator, grad_clip: f
     Sharded (FSDP2) gradients: the norm of the whole model, from the shards' norms in one all-reduce.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    if any(is_sharded(p) for p in params):
+    if is_fsdp(model):
         total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0).full_tensor()
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total)
