@@ -8,7 +8,7 @@ from rich.console import Console
 from data import DataConfig
 from data.prepare import prepare
 from test_data_tokens import other_tokenizer
-from test_train_e2e import command, launch_two, run, train_losses
+from test_train_e2e import assert_two_processes_match_one, command, run
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +21,8 @@ def prepared(tmp_path_factory):
 def test_two_processes_match_one_process_on_prepared_tokens(prepared, tmp_path):
     overrides = ["data=tokens", f"data.path={prepared}", "data.num_workers=1", "trainer.max_steps=4",
                  "checkpoint.every=0"]
-    single = run(command(tmp_path / "single", *overrides))
-    assert single.returncode == 0, single.stderr
-    assert "data tokens seq 32 packed" in single.stdout and "done: 4 steps, validation perplexity" in single.stdout
-    double = launch_two(tmp_path / "double", *overrides, timeout=180)
-    assert double.returncode == 0, double.stderr
-    assert "2 process(es)" in double.stdout
-    one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
-    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+    stdout = assert_two_processes_match_one(tmp_path, overrides, timeout=180)
+    assert "data tokens seq 32 packed" in stdout and "done: 4 steps, validation perplexity" in stdout
 
 
 def test_a_tokenizer_other_than_the_manifests_fails_with_one_line(prepared, tmp_path):

@@ -112,17 +112,25 @@ def test_preempted_and_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_pa
     assert kept == ["step_00000018", "step_00000024"]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    overrides = ["trainer.max_steps=4", "checkpoint.every=0", "quant=int4"]
+def assert_two_processes_match_one(tmp_path: Path, overrides: list[str], two_only: tuple[str, ...] = (),
+                                   timeout: int = 240) -> str:
+    """Train 4 steps in 1 and in 2 processes (`two_only`: overrides of the 2-process run alone) and
+    check that every step's loss agrees; returns the 1-process run's stdout."""
     single = run(command(tmp_path / "single", *overrides))
     assert single.returncode == 0, single.stderr
-    double = launch_two(tmp_path / "double", *overrides, "trainer.global_batch_size=4")
+    double = launch_two(tmp_path / "double", *overrides, *two_only, timeout=timeout)
     assert double.returncode == 0, double.stderr
     assert "2 process(es)" in double.stdout
     one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "double")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+    return single.stdout
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    assert_two_processes_match_one(tmp_path, ["trainer.max_steps=4", "checkpoint.every=0", "quant=int4"],
+                                   two_only=("trainer.global_batch_size=4",))
 
 
 def launch_two(run_dir: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
